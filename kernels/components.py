@@ -1,0 +1,40 @@
+"""Connected components of a 1-NN (functional) graph on the tensor's device, no host sync.
+
+The WCL weak labels (Zheng et al., ICCV 2021, Sec. 3.2) are the connected components of the
+undirected graph with edges i - nn(i). Every node has exactly one out-edge, so every weakly
+connected component holds exactly one directed cycle and every node reaches it. With K doubling
+steps (2^K >= N) of pointer jumping,
+    P_{k+1}(i) = P_k(P_k(i)),           P_0 = nn
+    M_{k+1}(i) = min(M_k(i), M_k(P_k(i))),  M_0(i) = min(i, nn(i))
+P_K(i) is a node on i's cycle and M_K(c) for a cycle node c is the minimum over everything reachable
+from c, i.e. over the cycle itself. label(i) = M_K(P_K(i)) is therefore the smallest node id on the
+component's cycle: equal for all nodes of a component, different across components. K is fixed by
+N, so the loop has no data-dependent trip count and never synchronises with the host.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def connected_components_torch(nn_idx: torch.Tensor) -> torch.Tensor:
+    """Component label of every node of the undirected graph {i - nn_idx[i]}.
+
+    nn_idx [N] integer tensor with values in [0, N). Returns labels [N] int64 on the same device;
+    the label of a component is the smallest node id on its cycle (label ids are not compact:
+    compare them for equality only). Runs ceil(log2 N) + 1 doubling rounds, no host sync.
+    """
+    if nn_idx.dim() != 1:
+        raise ValueError(f"nn_idx must be 1-D, got shape {list(nn_idx.shape)}")
+    num_nodes = nn_idx.shape[0]
+    if num_nodes == 0:
+        return nn_idx.to(torch.int64)
+    pointer = nn_idx.to(torch.int64)
+    nodes = torch.arange(num_nodes, device=nn_idx.device)
+    minimum = torch.minimum(nodes, pointer)
+    rounds = max(1, math.ceil(math.log2(num_nodes))) + 1
+    for _ in range(rounds):
+        minimum = torch.minimum(minimum, minimum[pointer])
+        pointer = pointer[pointer]
+    return minimum[pointer]

@@ -1,0 +1,319 @@
+"""Reference multi-crop loader (torchvision / PIL): the executable specification of the augmentations.
+
+Augmentations (spec wcl.md section 4; MoCo v2, Chen et al. 2020, arXiv 2003.04297; SimCLR, Chen et
+al. 2020, arXiv 2002.05709), applied independently to every crop in this order:
+    RandomResizedCrop(size, scale) -> ColorJitter (p=0.8) -> Grayscale (p=0.2)
+    -> GaussianBlur (p=0.5, PIL radius = sigma ~ U[0.1, 2.0]) -> HorizontalFlip (p=0.5)
+    -> ToTensor -> Normalize(mean, std)
+Phase "mocov2" (epoch < aug_switch_epoch): scale (0.2, 1), jitter (0.4, 0.4, 0.4, 0.1).
+Phase "simclr" (epoch >= aug_switch_epoch): scale (0.08, 1), jitter (0.8, 0.8, 0.8, 0.2).
+Multi-crop: global crops use scale (0.14, 1), local crops `data.local_scale` (default (0.05, 0.14)).
+
+Every random choice of a sample is drawn from numpy.random.default_rng([seed, epoch, index]), so a
+batch is the same whatever the number of workers or ranks, and a resumed run sees the same crops.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageFilter
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from pipelines.batch import MultiCropBatch
+from wcl_fast.config import ConfigError, DataConfig
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+MAX_SUBSTITUTIONS = 16  # an unreadable image is replaced by the next readable one, at most this far away
+
+
+@dataclass(frozen=True)
+class CropRecipe:
+    """The random augmentation of one crop (all probabilities per crop)."""
+
+    size: int
+    scale: tuple[float, float]
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    flip_p: float = 0.5
+
+
+def augmentation_phase(cfg: DataConfig, epoch: int) -> str:
+    return "mocov2" if epoch < cfg.aug_switch_epoch else "simclr"
+
+
+def crop_recipes(cfg: DataConfig, epoch: int) -> tuple[CropRecipe, CropRecipe]:
+    """(global recipe, local recipe) for `epoch` (spec section 4)."""
+    simclr = augmentation_phase(cfg, epoch) == "simclr"
+    jitter = (0.8, 0.8, 0.8, 0.2) if simclr else (0.4, 0.4, 0.4, 0.1)
+    if cfg.global_scale is not None:
+        global_scale = tuple(cfg.global_scale)
+    elif cfg.local_crops > 0:
+        global_scale = (0.14, 1.0)
+    else:
+        global_scale = (0.08, 1.0) if simclr else (0.2, 1.0)
+    return (CropRecipe(cfg.global_size, global_scale, jitter=jitter),
+            CropRecipe(cfg.local_size, tuple(cfg.local_scale), jitter=jitter))
+
+
+def random_resized_crop_box(rng: np.random.Generator, width: int, height: int,
+                            scale: tuple[float, float], ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a random crop covering `scale` of the area with aspect ratio in `ratio`.
+
+    The Inception-style sampler used by torchvision's RandomResizedCrop: 10 tries of area ~ U(scale)
+    and log-aspect ~ U(log ratio); otherwise a central crop with the ratio clamped to `ratio`.
+    """
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, max(h, 1), max(w, 1)
+
+
+def color_jitter(img: Image.Image, rng: np.random.Generator, strength: tuple[float, float, float, float]) -> Image.Image:
+    """torchvision ColorJitter semantics: factors ~ U[max(0, 1-s), 1+s] (hue ~ U[-h, h]), random order."""
+    b, c, s, h = strength
+    factors = [rng.uniform(max(0.0, 1 - b), 1 + b), rng.uniform(max(0.0, 1 - c), 1 + c),
+               rng.uniform(max(0.0, 1 - s), 1 + s), rng.uniform(-h, h)]
+    for op in rng.permutation(4):
+        if op == 0:
+            img = TF.adjust_brightness(img, factors[0])
+        elif op == 1:
+            img = TF.adjust_contrast(img, factors[1])
+        elif op == 2:
+            img = TF.adjust_saturation(img, factors[2])
+        else:
+            img = TF.adjust_hue(img, factors[3])
+    return img
+
+
+def augment(img: Image.Image, recipe: CropRecipe, rng: np.random.Generator) -> Image.Image:
+    """One augmented crop (PIL, RGB, recipe.size x recipe.size) of an RGB image."""
+    top, left, h, w = random_resized_crop_box(rng, img.width, img.height, recipe.scale, recipe.ratio)
+    crop = img.resize((recipe.size, recipe.size), Image.BILINEAR, box=(left, top, left + w, top + h))
+    if rng.random() < recipe.jitter_p:
+        crop = color_jitter(crop, rng, recipe.jitter)
+    if rng.random() < recipe.gray_p:
+        crop = TF.rgb_to_grayscale(crop, num_output_channels=3)
+    if rng.random() < recipe.blur_p:
+        crop = crop.filter(ImageFilter.GaussianBlur(radius=rng.uniform(*recipe.blur_sigma)))
+    if rng.random() < recipe.flip_p:
+        crop = TF.hflip(crop)
+    return crop
+
+
+def to_normalized_tensor(img: Image.Image, mean, std) -> torch.Tensor:
+    """PIL RGB -> float [3, H, W], (x / 255 - mean) / std."""
+    return TF.normalize(TF.to_tensor(img), mean, std)
+
+
+def scan_image_folder(root: str | Path, key: str = "data.train_dir") -> tuple[list[tuple[str, int]], list[str]]:
+    """(samples [(path, class id)], class names) of an ImageFolder, sorted; clear errors when empty."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ConfigError(f"{key}: '{root}' is not a directory; point it at an ImageFolder (one sub-folder per class)")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise ConfigError(f"{key}: '{root}' has no class sub-folders; expected {root}/<class>/<image>.jpg")
+    samples = []
+    for label, name in enumerate(classes):
+        for path in sorted((root / name).rglob("*")):
+            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+                samples.append((str(path), label))
+    if not samples:
+        raise ConfigError(f"{key}: '{root}' has class folders but no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return samples, classes
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode an image fully as RGB (CMYK, grayscale, palette and alpha images are converted)."""
+    with Image.open(path) as img:
+        img.load()
+        if img.mode in ("P", "PA", "LA"):
+            img = img.convert("RGBA")  # palette / alpha: resolve transparency before dropping alpha
+        return img.convert("RGB")
+
+
+class ImageSource:
+    """Reads samples of an ImageFolder; an unreadable file is replaced by the next readable sample."""
+
+    def __init__(self, samples: list[tuple[str, int]]):
+        self.samples = samples
+        self._warned = 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def read(self, index: int) -> tuple[Image.Image, int, int, int]:
+        """(image, actual index, label, number of unreadable files skipped)."""
+        for attempt in range(MAX_SUBSTITUTIONS):
+            actual = (index + attempt) % len(self.samples)
+            path, label = self.samples[actual]
+            try:
+                return load_rgb(path), actual, label, attempt
+            except Exception as exc:  # any decoder failure: count it, warn, and use the next sample
+                if self._warned < 20:
+                    self._warned += 1
+                    print(f"warning: skipped unreadable image '{path}' ({type(exc).__name__}: {exc}); "
+                          f"using the next sample instead", file=sys.stderr)
+        raise RuntimeError(f"{MAX_SUBSTITUTIONS} consecutive unreadable images from sample {index} "
+                           f"('{self.samples[index][0]}'); check the dataset")
+
+
+class MultiCropDataset(Dataset):
+    """Key (epoch, index) -> 2 global + L local augmented crops of one image (normalised tensors)."""
+
+    def __init__(self, source: ImageSource, cfg: DataConfig, seed: int):
+        self.source, self.cfg, self.seed = source, cfg, seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        rng = np.random.default_rng([self.seed, epoch, index])
+        img, actual, label, failed = self.source.read(index)
+        global_recipe, local_recipe = crop_recipes(self.cfg, epoch)
+        mean, std = self.cfg.mean, self.cfg.std
+        globals_ = [to_normalized_tensor(augment(img, global_recipe, rng), mean, std) for _ in range(2)]
+        locals_ = [to_normalized_tensor(augment(img, local_recipe, rng), mean, std) for _ in range(self.cfg.local_crops)]
+        return globals_, locals_, actual, label, failed
+
+
+def collate_multicrop(items) -> MultiCropBatch:
+    """Stack samples view-major: globals [2B,3,H,W], locals [L*B,3,h,w]."""
+    num_local = len(items[0][1])
+    globals_ = torch.stack([item[0][v] for v in range(2) for item in items])
+    locals_ = torch.stack([item[1][l] for l in range(num_local) for item in items]) if num_local else None
+    index = torch.tensor([item[2] for item in items], dtype=torch.int64)
+    label = torch.tensor([item[3] for item in items], dtype=torch.int64)
+    return MultiCropBatch(globals_, locals_, index, label, sum(item[4] for item in items))
+
+
+class StepSampler(Sampler):
+    """Per-step sample keys for one rank: a seeded global permutation cut into global batches.
+
+    Step s of epoch e uses perm_e[s*N : (s+1)*N] (N = global batch) and rank r takes the slice
+    [r*b, (r+1)*b) of it, so rank r owns rows [r*b, (r+1)*b) of the global batch and the global
+    batch does not depend on the number of ranks. drop_last: steps_per_epoch = len // N.
+    """
+
+    def __init__(self, num_samples: int, global_batch: int, rank: int, world: int, seed: int, shuffle: bool = True):
+        if global_batch % world:
+            raise ConfigError(f"data.batch_size={global_batch} is not divisible by the world size {world}; "
+                              f"choose a multiple of {world}")
+        self.steps_per_epoch = num_samples // global_batch
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"data.batch_size={global_batch} exceeds the dataset size ({num_samples}); "
+                              f"lower data.batch_size")
+        self.num_samples, self.global_batch, self.rank, self.world = num_samples, global_batch, rank, world
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.num_samples)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_samples, generator=generator)
+
+    def __iter__(self):
+        perm = self.permutation(self.epoch).tolist()
+        local = self.global_batch // self.world
+        for step in range(self.start_step, self.steps_per_epoch):
+            start = step * self.global_batch + self.rank * local
+            yield [(self.epoch, i) for i in perm[start:start + local]]
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.start_step
+
+
+class MultiCropLoader:
+    """Iterates MultiCropBatch for one epoch at a time (`loader.epoch(e, start_step)`)."""
+
+    def __init__(self, dataset: Dataset, sampler: StepSampler, workers: int, pin_memory: bool, collate=collate_multicrop):
+        self.sampler = sampler
+        kwargs = dict(num_workers=workers, pin_memory=pin_memory, collate_fn=collate, batch_sampler=sampler)
+        if workers > 0:
+            kwargs.update(persistent_workers=True, prefetch_factor=4)
+        self.loader = DataLoader(dataset, **kwargs)
+
+    def __len__(self) -> int:
+        return self.sampler.steps_per_epoch
+
+    def epoch(self, epoch: int, start_step: int = 0):
+        self.sampler.set_epoch(epoch, start_step)
+        return iter(self.loader)
+
+
+class EvalDataset(Dataset):
+    """Resize(short side = resize) + CenterCrop(crop), normalised: the evaluation transform."""
+
+    def __init__(self, source: ImageSource, cfg: DataConfig):
+        self.source, self.cfg = source, cfg
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        img, actual, label, failed = self.source.read(index)
+        img = TF.center_crop(TF.resize(img, self.cfg.eval_resize), self.cfg.eval_crop)
+        return [to_normalized_tensor(img, self.cfg.mean, self.cfg.std)], [], actual, label, failed
+
+
+def collate_eval(items) -> MultiCropBatch:
+    """Single view: globals [B,3,H,W]."""
+    globals_ = torch.stack([item[0][0] for item in items])
+    index = torch.tensor([item[2] for item in items], dtype=torch.int64)
+    label = torch.tensor([item[3] for item in items], dtype=torch.int64)
+    return MultiCropBatch(globals_, None, index, label, sum(item[4] for item in items))
+
+
+def shard_range(num_samples: int, rank: int, world: int) -> range:
+    """Contiguous, unpadded shard of [0, num_samples) for `rank` (sizes differ by at most one)."""
+    base, extra = divmod(num_samples, world)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))
+
+
+def build_train_loader(cfg: DataConfig, seed: int, rank: int, world: int, pin_memory: bool) -> MultiCropLoader:
+    samples, _ = scan_image_folder(cfg.train_dir, "data.train_dir")
+    dataset = MultiCropDataset(ImageSource(samples), cfg, seed)
+    sampler = StepSampler(len(dataset), cfg.batch_size, rank, world, seed)
+    return MultiCropLoader(dataset, sampler, cfg.workers, pin_memory)
+
+
+def build_eval_loader(cfg: DataConfig, directory: str, key: str, batch_size: int, rank: int, world: int,
+                      pin_memory: bool) -> tuple[DataLoader, int, int]:
+    """(loader over this rank's unpadded shard, total samples, number of classes)."""
+    samples, classes = scan_image_folder(directory, key)
+    dataset = EvalDataset(ImageSource(samples), cfg)
+    shard = torch.utils.data.Subset(dataset, list(shard_range(len(dataset), rank, world)))
+    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=cfg.workers,
+                        pin_memory=pin_memory, collate_fn=collate_eval)
+    return loader, len(dataset), len(classes)

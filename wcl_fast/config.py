@@ -1,0 +1,276 @@
+"""Typed experiment configuration: dataclasses + YAML + `key=value` overrides.
+
+Every key is declared here with its type and default. Loading is strict: an unknown key, a value of
+the wrong type or an invalid choice raises `ConfigError` with one line naming the key and what to do.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error; its message is one line: what, where, what to do."""
+
+
+@dataclass
+class DataConfig:
+    backend: Literal["reference", "synthetic"] = "reference"
+    train_dir: str = ""  # ImageFolder: one sub-folder per class
+    val_dir: str = ""  # ImageFolder used as the kNN / evaluation test split
+    batch_size: int = 4096  # global batch (all ranks together)
+    workers: int = 8  # loader worker processes per rank
+    global_size: int = 224
+    local_crops: int = 0  # 0: the 2 x global recipe; 6: the 2 x 224 + 6 x 96 multi-crop recipe
+    local_size: int = 96
+    # None: MoCo-v2 phase (0.2, 1) before aug_switch_epoch, SimCLR phase (0.08, 1) after;
+    # (0.14, 1) in both phases when local_crops > 0 (spec wcl.md section 4).
+    global_scale: Optional[list[float]] = None
+    local_scale: list[float] = field(default_factory=lambda: [0.05, 0.14])
+    aug_switch_epoch: int = 10  # epochs < this use MoCo-v2 augmentations, >= this SimCLR ones
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    eval_resize: int = 256  # kNN / evaluation transform: Resize(eval_resize) + CenterCrop(eval_crop)
+    eval_crop: int = 224
+    synthetic_size: int = 512  # number of samples of the synthetic backend
+    synthetic_classes: int = 10
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet50"
+    stem: Literal["imagenet", "small"] = "imagenet"  # small: 3x3 stride-1 conv, no max-pool
+    head_hidden: int = 4096
+    head_out: int = 256
+    # per_resolution: one forward for both global views (BN statistics over 2B);
+    # per_view: one forward per view as in the reference code (BN statistics per view).
+    forward: Literal["per_resolution", "per_view"] = "per_resolution"
+    sync_bn: bool = True  # SyncBatchNorm when distributed on CUDA (it is CUDA-only)
+    channels_last: bool = True
+
+
+@dataclass
+class LossConfig:
+    objective: Literal["wcl"] = "wcl"
+    tau: float = 0.1
+    graph_weight: float = 1.0
+    # detached: other ranks' rows carry no gradient (reference semantics);
+    # differentiable: gradient flows through the gather (full-batch gradient).
+    gather: Literal["detached", "differentiable"] = "detached"
+    multicrop_rule: Literal["inherit"] = "inherit"
+
+
+@dataclass
+class OptimConfig:
+    base_lr: Optional[float] = None  # None: lr_scale * sqrt(global batch) (4.8 at 4096)
+    lr_scale: float = 0.075
+    momentum: float = 0.9
+    weight_decay: float = 1e-6
+    trust_coefficient: float = 0.001
+    eps: float = 0.0
+    # reference: names containing 'bn' or 'bias' skip weight decay and LARS (misses downsample BN);
+    # norm_bias: every normalisation-layer parameter and every bias skips them.
+    exclude_rule: Literal["reference", "norm_bias"] = "reference"
+    warmup_epochs: float = 10.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 200
+    seed: int = 0
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    out_dir: str = "runs/wcl"
+    resume: str = "auto"  # auto | none | path/to/checkpoint.pt
+    log_interval: int = 20  # steps between logged lines (the only host sync points)
+    stop_at_step: int = 0  # > 0: stop (with a checkpoint) after this global step; schedule unchanged
+    progress: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class KnnConfig:
+    k: int = 200
+    temperature: float = 0.1
+    every_epochs: int = 0  # > 0: run the kNN monitor every this many epochs
+    at_end: bool = False  # run the kNN monitor after the last epoch
+    batch_size: int = 256  # per-rank feature-extraction batch
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    knn: KnnConfig = field(default_factory=KnnConfig)
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value, tp):
+    """Check `value` against annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+
+
+def _apply(obj, values: dict, prefix: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{full}'; valid keys here: {', '.join(sorted(names))}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{full}' is a section; give it a mapping of keys")
+            _apply(current, value, f"{full}.")
+        else:
+            setattr(obj, key, _coerce(full, value, hints[key]))
+
+
+def _parse_override(text: str) -> tuple[list[str], object]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. train.epochs=100)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a Config from defaults, then the YAML file at `path`, then `key=value` overrides."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist; pass --config configs/<experiment>.yaml")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"config file '{path}'{where} is not valid YAML; fix its syntax") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of sections (data:, model:, ...)")
+        _apply(cfg, values, "")
+    for text in overrides:
+        keys, value = _parse_override(text)
+        nested: dict = value  # type: ignore[assignment]
+        for key in reversed(keys):
+            nested = {key: nested}
+        _apply(cfg, nested, "")
+    _check_values(cfg)
+    return cfg
+
+
+def _check_values(cfg: Config) -> None:
+    positive = {
+        "data.batch_size": cfg.data.batch_size,
+        "data.global_size": cfg.data.global_size,
+        "data.local_size": cfg.data.local_size,
+        "train.epochs": cfg.train.epochs,
+        "train.log_interval": cfg.train.log_interval,
+        "loss.tau": cfg.loss.tau,
+        "knn.k": cfg.knn.k,
+        "knn.temperature": cfg.knn.temperature,
+        "knn.batch_size": cfg.knn.batch_size,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key '{key}' must be > 0, got {value}")
+    for key, value in {"data.workers": cfg.data.workers, "data.local_crops": cfg.data.local_crops,
+                       "train.stop_at_step": cfg.train.stop_at_step, "optim.warmup_epochs": cfg.optim.warmup_epochs,
+                       "knn.every_epochs": cfg.knn.every_epochs}.items():
+        if value < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
+    for key, scale in {"data.global_scale": cfg.data.global_scale, "data.local_scale": cfg.data.local_scale}.items():
+        if scale is not None and (len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1):
+            raise ConfigError(f"config key '{key}' must be [low, high] with 0 < low <= high <= 1, got {scale}")
+    for key in ("mean", "std"):
+        if len(getattr(cfg.data, key)) != 3:
+            raise ConfigError(f"config key 'data.{key}' must list 3 numbers (R, G, B)")
+    if cfg.optim.warmup_epochs > cfg.train.epochs:
+        raise ConfigError(f"optim.warmup_epochs ({cfg.optim.warmup_epochs}) exceeds train.epochs ({cfg.train.epochs})")
+
+
+def check_paths(cfg: Config, need_val: bool | None = None) -> None:
+    """Stop before any work if a dataset path the run needs is missing."""
+    if cfg.data.backend == "synthetic":
+        return
+    need_val = (cfg.knn.at_end or cfg.knn.every_epochs > 0) if need_val is None else need_val
+    keys = [("data.train_dir", cfg.data.train_dir)] + ([("data.val_dir", cfg.data.val_dir)] if need_val else [])
+    for key, value in keys:
+        if not value:
+            raise ConfigError(f"config key '{key}' is empty; set {key}=/path/to/imagefolder (one sub-folder per class)")
+        if not Path(value).is_dir():
+            raise ConfigError(f"{key}: '{value}' is not a directory; set {key}= to an ImageFolder (one sub-folder per class)")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def from_dict(values: dict) -> Config:
+    cfg = Config()
+    _apply(cfg, values, "")
+    return cfg

@@ -1,0 +1,135 @@
+"""Weighted kNN monitor (Wu et al., CVPR 2018, "Unsupervised Feature Learning via Non-Parametric
+Instance Discrimination", Sec. 3.4): k = 200 nearest training features by cosine similarity vote
+with weight exp(s / T), T = 0.1 (spec wcl.md section 5).
+
+Features are the encoder outputs h (before the heads) under the evaluation transform. Each rank
+extracts an unpadded contiguous shard; shards are gathered so every sample counts exactly once.
+
+Standalone: python -m wcl_fast.knn --config configs/X.yaml checkpoint=PATH [key=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from wcl_fast import dist as wdist
+
+
+@torch.no_grad()
+def extract_features(encoder: torch.nn.Module, loader, device: torch.device, channels_last: bool = True,
+                     precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised features [n, d] (fp32) and labels [n] of this rank's shard."""
+    was_training = encoder.training
+    encoder.eval()
+    feats, labels = [], []
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    for batch in loader:
+        batch = batch.to(device, channels_last)
+        with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            h = encoder(batch.globals)  # [B, d]
+        feats.append(F.normalize(h.float(), dim=1))
+        labels.append(batch.label)
+    encoder.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def gather_variable(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's tensor in rank order; row counts may differ (no padded rows kept)."""
+    world = wdist.world_size()
+    if world == 1:
+        return x
+    count = torch.tensor([x.shape[0]], device=x.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    counts = [int(c.item()) for c in counts]  # sync point (evaluation only)
+    padded = torch.zeros((max(counts),) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:c] for part, c in zip(parts, counts)])
+
+
+@torch.no_grad()
+def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                num_classes: int, k: int = 200, temperature: float = 0.1, chunk: int = 1024) -> torch.Tensor:
+    """Class scores [m, C]: sum over the k most similar training features of exp(sim / T) per class."""
+    k = min(k, train_features.shape[0])
+    scores = []
+    for start in range(0, test_features.shape[0], chunk):
+        sims = test_features[start:start + chunk] @ train_features.t()  # [c, n]
+        top_sims, top_idx = sims.topk(k, dim=1)  # [c, k]
+        weights = (top_sims / temperature).exp()
+        votes = torch.zeros(sims.shape[0], num_classes, device=sims.device, dtype=weights.dtype)
+        votes.scatter_add_(1, train_labels[top_idx], weights)
+        scores.append(votes)
+    return torch.cat(scores)
+
+
+def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes, k=200, temperature=0.1) -> dict:
+    scores = knn_predict(train_features, train_labels, test_features, num_classes, k, temperature)
+    top = scores.topk(min(5, num_classes), dim=1).indices
+    correct = top == test_labels[:, None]
+    return {"top1": 100.0 * correct[:, 0].float().mean().item(),  # sync point (evaluation only)
+            "top5": 100.0 * correct.any(dim=1).float().mean().item(), "count": int(test_labels.shape[0])}
+
+
+def evaluate_knn(encoder: torch.nn.Module, cfg, device: torch.device) -> dict:
+    """kNN top-1/top-5 of `encoder` with data.train_dir as the memory bank and data.val_dir as the test set."""
+    from pipelines.reference import build_eval_loader
+
+    rank, world = wdist.rank(), wdist.world_size()
+    pin = device.type == "cuda"
+    train_loader, n_train, num_classes = build_eval_loader(cfg.data, cfg.data.train_dir, "data.train_dir",
+                                                           cfg.knn.batch_size, rank, world, pin)
+    val_loader, n_val, _ = build_eval_loader(cfg.data, cfg.data.val_dir, "data.val_dir",
+                                             cfg.knn.batch_size, rank, world, pin)
+    bank, bank_labels = extract_features(encoder, train_loader, device, cfg.model.channels_last, cfg.train.precision)
+    test, test_labels = extract_features(encoder, val_loader, device, cfg.model.channels_last, cfg.train.precision)
+    bank, bank_labels = gather_variable(bank), gather_variable(bank_labels)
+    test, test_labels = gather_variable(test), gather_variable(test_labels)
+    assert bank.shape[0] == n_train and test.shape[0] == n_val, "kNN shards must cover each set exactly once"
+    return knn_accuracy(bank, bank_labels, test, test_labels, num_classes, cfg.knn.k, cfg.knn.temperature)
+
+
+def main(argv=None) -> int:
+    from wcl_fast.checkpoint import load_checkpoint
+    from wcl_fast.config import ConfigError, check_paths, load_config
+    from wcl_fast.model import build_model
+
+    parser = argparse.ArgumentParser(description="Weighted kNN evaluation of a WCL encoder")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("overrides", nargs="*", help="key=value; checkpoint=PATH selects the weights (default: untrained)")
+    args = parser.parse_args(argv)
+    checkpoint = None
+    overrides = []
+    for item in args.overrides:
+        if item.startswith("checkpoint="):
+            checkpoint = item.split("=", 1)[1]
+        else:
+            overrides.append(item)
+    try:
+        cfg = load_config(args.config, overrides)
+        check_paths(cfg, need_val=True)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    ctx = wdist.init_distributed()
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model)
+    if checkpoint:
+        model.load_state_dict(load_checkpoint(checkpoint)["model"])
+    model.to(ctx.device, memory_format=torch.channels_last if cfg.model.channels_last else torch.contiguous_format)
+    result = evaluate_knn(model.net, cfg, ctx.device)
+    if ctx.is_main:
+        print(f"kNN (k={cfg.knn.k}, T={cfg.knn.temperature}) on {result['count']} images: "
+              f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%")
+    wdist.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,4 @@
+"""Training objectives: pure loss functions on embeddings."""
+from wcl_fast.objectives.wcl import wcl_loss, wcl_loss_terms, weak_labels, contrastive_rows
+
+__all__ = ["wcl_loss", "wcl_loss_terms", "weak_labels", "contrastive_rows"]

@@ -1,0 +1,132 @@
+"""The WCL objective (Zheng et al., ICCV 2021, arXiv 2110.04770; spec wcl.md sections 2 and 3).
+
+Head 1 (instance discrimination, NT-Xent, SimCLR eq. 1):
+    l_i = -log( exp(s_ip / tau) / sum_{a != i} exp(s_ia / tau) ),  p = the other view of i.
+Head 2 (weak labels, swapped supervised contrastive loss, SupCon eq. 2 of Khosla et al. 2020):
+    l_i = -1/|P(i)| sum_{p in P(i)} [ s_ip / tau - log sum_{a != i} exp(s_ia / tau) ],
+    P(i) = { j != i : y_other_j == y_other_i },
+with y_v the connected components of view v's 1-NN graph (kernels.nearest_neighbor +
+kernels.connected_components), view 1 anchors using view 2's labels and vice versa.
+
+All logits are computed in float32 and normalised with logsumexp whatever the autocast dtype (the
+reference exponentiates without subtracting the max, which overflows in fp16).
+
+Distributed form: rank r owns global rows [r*b, (r+1)*b); the caller passes the gathered key
+matrices (see wcl_fast.dist.gather_rows) and `offset = r*b`. Each rank returns the mean over its own
+anchors; the global loss is the mean over ranks.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+import kernels
+
+
+class WCLTerms(NamedTuple):
+    nce: torch.Tensor  # head-1 term (scalar)
+    graph: torch.Tensor  # head-2 term (scalar)
+
+
+def contrastive_rows(
+    anchors: torch.Tensor,
+    keys: torch.Tensor,
+    positive: torch.Tensor,
+    excluded: torch.Tensor | None,
+    tau: float,
+) -> torch.Tensor:
+    """Per-anchor loss -mean_{p in positive} log softmax_{a not excluded}(s / tau)[p].
+
+    anchors [M, D], keys [K, D], positive [M, K] bool, excluded [M, K] bool or None (columns left
+    out of the denominator, e.g. the anchor itself). Every row needs >= 1 positive. Returns [M] fp32.
+    """
+    with torch.autocast(device_type=anchors.device.type, enabled=False):
+        logits = anchors.float() @ keys.float().t() / tau  # [M, K] fp32
+        if excluded is not None:
+            logits = logits.masked_fill(excluded, float("-inf"))
+        log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)  # [M, K]
+        picked = torch.where(positive, log_prob, torch.zeros_like(log_prob))
+        return -picked.sum(dim=1) / positive.sum(dim=1).clamp_min(1)
+
+
+@torch.no_grad()
+def weak_labels(u_all: torch.Tensor) -> torch.Tensor:
+    """Weak labels [N] of one view: components of the undirected 1-NN graph of u_all [N, D] (self excluded)."""
+    return kernels.connected_components(kernels.nearest_neighbor(u_all.detach()))
+
+
+def _one_hot_columns(rows: torch.Tensor, num_columns: int) -> torch.Tensor:
+    """Boolean [len(rows), num_columns] with True at (i, rows[i])."""
+    mask = torch.zeros(rows.shape[0], num_columns, dtype=torch.bool, device=rows.device)
+    mask[torch.arange(rows.shape[0], device=rows.device), rows] = True
+    return mask
+
+
+def wcl_loss_terms(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    u1: torch.Tensor,
+    u2: torch.Tensor,
+    z1_all: torch.Tensor,
+    z2_all: torch.Tensor,
+    u1_all: torch.Tensor,
+    u2_all: torch.Tensor,
+    offset: int = 0,
+    tau: float = 0.1,
+    z_local: torch.Tensor | None = None,
+    u_local: torch.Tensor | None = None,
+    labels: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> WCLTerms:
+    """Both WCL terms for this rank's anchors.
+
+    z1, z2, u1, u2: this rank's global-view embeddings [b, D] (rows offset..offset+b of the batch).
+    z1_all .. u2_all: the gathered embeddings of all ranks [N, D] (this rank's block included).
+    z_local, u_local: local-crop embeddings [L*b, D] (crop-major: crop l of sample i is row l*b+i),
+    anchored with the `inherit` rule of spec section 3; None for the 2-view recipe.
+    labels: precomputed (y1, y2) [N]; default: computed here from u1_all / u2_all.
+    Returns the head-1 and head-2 terms, each the mean over all of this rank's anchors.
+    """
+    b, n = z1.shape[0], z1_all.shape[0]
+    device = z1.device
+    rows = torch.arange(b, device=device) + offset  # global index of each local sample [b]
+    y1, y2 = labels if labels is not None else (weak_labels(u1_all), weak_labels(u2_all))
+
+    # Head 1: anchors [z1; z2] against keys [Z1; Z2] (2N columns), own column removed.
+    keys1 = torch.cat([z1_all, z2_all])  # [2N, D]
+    own = torch.cat([rows, rows + n])  # [2b]
+    other = torch.cat([rows + n, rows])  # [2b]
+    nce_rows = [contrastive_rows(torch.cat([z1, z2]), keys1, _one_hot_columns(other, 2 * n),
+                                 _one_hot_columns(own, 2 * n), tau)]  # [2b]
+
+    # Head 2, global anchors: view v against U_v without itself, positives from the other view's labels.
+    self_mask = _one_hot_columns(rows, n)  # [b, N]
+    same2 = (y2[rows, None] == y2[None, :]) & ~self_mask  # [b, N]
+    same1 = (y1[rows, None] == y1[None, :]) & ~self_mask
+    graph_rows = [contrastive_rows(u1, u1_all, same2, self_mask, tau),
+                  contrastive_rows(u2, u2_all, same1, self_mask, tau)]  # 2 x [b]
+
+    if z_local is not None and z_local.shape[0] > 0:
+        crops = z_local.shape[0] // b
+        local_rows = rows.repeat(crops)  # [L*b] global sample index of each local crop
+        first = _one_hot_columns(local_rows, 2 * n)  # column of view-1 crop of the same image
+        second = _one_hot_columns(local_rows + n, 2 * n)  # column of view-2 crop
+        # Two positives, each with the other one removed from the denominator; mean of the two.
+        nce_rows.append(0.5 * (contrastive_rows(z_local, keys1, first, second, tau)
+                               + contrastive_rows(z_local, keys1, second, first, tau)))
+        # inherit: labels of the image's global crops; the image's own column is a positive.
+        pos_u1 = y2[local_rows, None] == y2[None, :]  # [L*b, N]
+        pos_u2 = y1[local_rows, None] == y1[None, :]
+        graph_rows.append(0.5 * (contrastive_rows(u_local, u1_all, pos_u1, None, tau)
+                                 + contrastive_rows(u_local, u2_all, pos_u2, None, tau)))
+    return WCLTerms(torch.cat(nce_rows).mean(), torch.cat(graph_rows).mean())
+
+
+def wcl_loss(z1: torch.Tensor, z2: torch.Tensor, u1: torch.Tensor, u2: torch.Tensor,
+             tau: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nce_loss, graph_loss) of spec section 2 for two views on one process; total = their sum.
+
+    z1, z2: head-1 embeddings, u1, u2: head-2 embeddings, all L2-normalised, shape [N, D].
+    """
+    terms = wcl_loss_terms(z1, z2, u1, u2, z1, z2, u1, u2, offset=0, tau=tau)
+    return terms.nce, terms.graph

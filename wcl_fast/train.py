@@ -1,0 +1,272 @@
+"""WCL pre-training: `torchrun --nproc_per_node N -m wcl_fast.train --config configs/X.yaml [key=value ...]`.
+
+One loop, top to bottom: config -> process group -> model (channels-last, SyncBN on CUDA, DDP) ->
+LARS -> loader -> resume -> epochs of steps (autocast, WCL loss, backward, LARS step) -> per-epoch
+atomic checkpoints -> kNN monitor. The step never synchronises with the host: loss values are
+accumulated on the device and read (`# sync point`) only every `train.log_interval` steps.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from wcl_fast import dist as wdist
+from wcl_fast.checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
+from wcl_fast.config import Config, ConfigError, check_paths, load_config, to_dict, to_yaml
+from wcl_fast.log import RunLogger
+from wcl_fast.model import build_model
+from wcl_fast.objectives.wcl import wcl_loss_terms
+from wcl_fast.optim import base_learning_rate, build_optimizer, learning_rate
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class StopRequest:
+    """Set by SIGINT / SIGTERM; the loop checkpoints and exits at the next step boundary it checks."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # second signal: give up immediately
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def resolve_resume(cfg: Config) -> Path | None:
+    choice = cfg.train.resume
+    if choice == "none":
+        return None
+    if choice == "auto":
+        path = Path(cfg.train.out_dir) / CHECKPOINT_NAME
+        return path if path.is_file() else None
+    path = Path(choice)
+    if not path.is_file():
+        raise ConfigError(f"train.resume: '{choice}' does not exist; use auto, none or a checkpoint path")
+    return path
+
+
+def compute_loss(cfg: Config, z_global, u_global, z_local, u_local, rank: int):
+    """Gather the keys across ranks and evaluate the WCL terms for this rank's anchors."""
+    differentiable = cfg.loss.gather == "differentiable"
+    z1, z2 = z_global.chunk(2)  # [b, D] each
+    u1, u2 = u_global.chunk(2)
+    gathered = [wdist.gather_rows(t, differentiable) for t in (z1, z2, u1, u2)]  # [N, D] each
+    return wcl_loss_terms(z1, z2, u1, u2, *gathered, offset=rank * z1.shape[0], tau=cfg.loss.tau,
+                          z_local=z_local, u_local=u_local)
+
+
+def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
+    """Run (or resume) a training job; returns a summary dict (final losses, throughput, kNN)."""
+    ctx = ctx or wdist.init_distributed()
+    device, main = ctx.device, ctx.is_main
+    out_dir = Path(cfg.train.out_dir)
+    resume_path = resolve_resume(cfg)
+    torch.manual_seed(cfg.train.seed)
+    logger = RunLogger(out_dir, main, cfg.train.tensorboard)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(to_yaml(cfg))
+        logger.info(f"wcl-fast: world size {ctx.world_size}, device {device}, precision {cfg.train.precision}\n"
+                    f"--- resolved config (saved to {out_dir / 'config.yaml'}) ---\n{to_yaml(cfg)}---")
+
+    from pipelines import build_loader
+
+    loader = build_loader(cfg, "train", ctx.rank, ctx.world_size)
+    steps_per_epoch = len(loader)
+    total_steps = cfg.train.epochs * steps_per_epoch
+    warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
+    base_lr = base_learning_rate(cfg.optim, cfg.data.batch_size)
+
+    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    model = build_model(cfg.model)
+    optimizer = build_optimizer(model, cfg.optim)
+    dtype = autocast_dtype(cfg.train.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+    start_epoch, start_step, global_step = 0, 0, 0
+    if resume_path is not None:
+        state = load_checkpoint(resume_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        start_epoch, start_step, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        if state.get("steps_per_epoch") not in (None, steps_per_epoch):
+            raise ConfigError(f"train.resume: checkpoint '{resume_path}' has {state['steps_per_epoch']} steps per "
+                              f"epoch, this run {steps_per_epoch}; resume with the same data and batch size")
+        logger.info(f"resumed from {resume_path}: epoch {start_epoch}, step {start_step}, global step {global_step}")
+    model.to(device, memory_format=memory_format)
+    for buffers in optimizer.state.values():  # optimizer state follows the parameters' device
+        for key, value in buffers.items():
+            if torch.is_tensor(value):
+                buffers[key] = value.to(device)
+    if ctx.distributed and device.type == "cuda" and cfg.model.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ddp = model
+    if ctx.distributed:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+
+    stop = StopRequest()
+    stop.install()
+    accum = torch.zeros(4, device=device)  # loss, nce, graph, steps since last log (device side)
+    failed_images = 0
+    summary: dict = {"steps_per_epoch": steps_per_epoch}
+    samples_per_step = cfg.data.batch_size
+
+    def save(epoch: int, step_in_epoch: int) -> None:
+        if main:
+            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
+                         "global_step": global_step, "steps_per_epoch": steps_per_epoch, "rng": rng_state(),
+                         "config": to_dict(cfg), "world_size": ctx.world_size}, out_dir / CHECKPOINT_NAME)
+        wdist.barrier()
+
+    if start_step >= steps_per_epoch:
+        start_epoch, start_step = start_epoch + 1, 0
+    stopped = cfg.train.stop_at_step > 0 and global_step >= cfg.train.stop_at_step
+    wall_start = time.perf_counter()
+    last_log_time, data_wait, last_log_step = time.perf_counter(), 0.0, global_step
+    ddp.train()
+    try:
+        for epoch in range(start_epoch, cfg.train.epochs):
+            if stopped:
+                break
+            batches = loader.epoch(epoch, start_step)
+            bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch}", disable=not (main and cfg.train.progress),
+                       dynamic_ncols=True, leave=False)
+            step_in_epoch = start_step
+            while step_in_epoch < steps_per_epoch:
+                wait_start = time.perf_counter()
+                batch = next(batches)
+                data_wait += time.perf_counter() - wait_start
+                failed_images += batch.failed
+                batch = batch.to(device, cfg.model.channels_last)
+                lr = learning_rate(global_step, base_lr, warmup_steps, total_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+
+                with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    z_global, u_global, z_local, u_local = ddp(batch.globals, batch.locals)
+                terms = compute_loss(cfg, z_global, u_global, z_local, u_local, ctx.rank)
+                loss = terms.nce + cfg.loss.graph_weight * terms.graph
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+
+                accum += torch.stack([loss.detach(), terms.nce.detach(), terms.graph.detach(), torch.ones((), device=device)])
+                global_step += 1
+                step_in_epoch += 1
+                bar.update(1)
+                at_stop = cfg.train.stop_at_step > 0 and global_step >= cfg.train.stop_at_step
+                if global_step % cfg.train.log_interval == 0 or step_in_epoch == steps_per_epoch or at_stop:
+                    values = wdist.all_reduce_mean(torch.cat([accum, torch.tensor([float(stop.requested)], device=device)]))
+                    values = values.tolist()  # sync point
+                    now = time.perf_counter()
+                    elapsed = now - last_log_time
+                    steps = global_step - last_log_step
+                    record = {"loss": values[0] / values[3], "nce": values[1] / values[3], "graph": values[2] / values[3],
+                              "lr": lr, "epoch": epoch, "samples_per_s": steps * samples_per_step / elapsed,
+                              "data_wait": data_wait / elapsed, "failed_images": failed_images}
+                    logger.scalars(global_step, record)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}",
+                                    wait=f"{100 * record['data_wait']:.0f}%")
+                    if not (main and cfg.train.progress):
+                        logger.info(f"epoch {epoch} step {step_in_epoch}/{steps_per_epoch} loss {record['loss']:.4f} "
+                                    f"(nce {record['nce']:.4f} graph {record['graph']:.4f}) lr {lr:.4f} "
+                                    f"{record['samples_per_s']:.1f} samples/s data-wait {100 * record['data_wait']:.1f}%")
+                    if not math.isfinite(record["loss"]):
+                        logger.info(f"warning: non-finite loss at step {global_step}")
+                    summary.update(record)
+                    accum.zero_()
+                    last_log_time, data_wait, last_log_step = now, 0.0, global_step
+                    if values[4] > 0:
+                        logger.info("stop requested: writing a checkpoint and exiting")
+                        stopped = True
+                if at_stop:
+                    stopped = True
+                if stopped:
+                    break
+            bar.close()
+            if stopped:
+                save(epoch, step_in_epoch)
+                break
+            start_step = 0
+            save(epoch + 1, 0)
+            if main:
+                logger.info(f"epoch {epoch} done: loss {summary.get('loss', float('nan')):.4f}, "
+                            f"{summary.get('samples_per_s', 0):.1f} samples/s, checkpoint {out_dir / CHECKPOINT_NAME}")
+            if cfg.knn.every_epochs > 0 and (epoch + 1) % cfg.knn.every_epochs == 0 and epoch + 1 < cfg.train.epochs:
+                run_knn(cfg, model, device, logger, global_step, summary)
+    finally:
+        stop.restore()
+    summary.update(global_step=global_step, wall_s=time.perf_counter() - wall_start, failed_images=failed_images)
+    if cfg.knn.at_end and not stopped:
+        run_knn(cfg, model, device, logger, global_step, summary)
+    logger.close()
+    return summary
+
+
+def run_knn(cfg: Config, model, device, logger: RunLogger, step: int, summary: dict) -> None:
+    from wcl_fast.knn import evaluate_knn
+
+    result = evaluate_knn(model.net, cfg, device)
+    summary["knn_top1"], summary["knn_top5"] = result["top1"], result["top5"]
+    logger.scalars(step, {"knn_top1": result["top1"], "knn_top5": result["top5"]})
+    logger.info(f"kNN monitor (k={cfg.knn.k}, T={cfg.knn.temperature}, {result['count']} test images): "
+                f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m wcl_fast.train", description="Train WCL (Zheng et al., ICCV 2021)")
+    parser.add_argument("--config", required=True, help="YAML experiment file, e.g. configs/imagenet_wcl_200ep.yaml")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=100 data.batch_size=1024")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        check_paths(cfg)
+        resolve_resume(cfg)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    ctx = wdist.init_distributed()
+    try:
+        train(cfg, ctx)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        wdist.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
