@@ -61,8 +61,8 @@ def crop_recipes(cfg: DataConfig, epoch: int) -> tuple[CropRecipe, CropRecipe]:
         global_scale = (0.14, 1.0)
     else:
         global_scale = (0.08, 1.0) if simclr else (0.2, 1.0)
-    return (CropRecipe(cfg.global_size, global_scale, jitter=jitter),
-            CropRecipe(cfg.local_size, tuple(cfg.local_scale), jitter=jitter))
+    return (CropRecipe(cfg.global_size, global_scale, jitter=jitter, flip_p=cfg.flip_p),
+            CropRecipe(cfg.local_size, tuple(cfg.local_scale), jitter=jitter, flip_p=cfg.flip_p))
 
 
 def random_resized_crop_box(rng: np.random.Generator, width: int, height: int,

@@ -35,6 +35,7 @@ class DataConfig:
     global_scale: Optional[list[float]] = None
     local_scale: list[float] = field(default_factory=lambda: [0.05, 0.14])
     aug_switch_epoch: int = 10  # epochs < this use MoCo-v2 augmentations, >= this SimCLR ones
+    flip_p: float = 0.5  # horizontal-flip probability of every crop (0 for data such as digits)
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     eval_resize: int = 256  # kNN / evaluation transform: Resize(eval_resize) + CenterCrop(eval_crop)

@@ -64,13 +64,29 @@ def gather_rows(x: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
     if world == 1:
         return x
     if differentiable:
-        import torch.distributed.nn.functional as dist_fn
-
-        return torch.cat(dist_fn.all_gather(x.contiguous()), dim=0)
+        return _GatherRows.apply(x)
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x.detach().contiguous())
     parts[rank()] = x
     return torch.cat(parts, dim=0)
+
+
+class _GatherRows(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's block (all_reduce + slice)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows = x.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        start = rank() * ctx.rows
+        return grad[start:start + ctx.rows]
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:

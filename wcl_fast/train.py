@@ -217,6 +217,10 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
                 break
             start_step = 0
             save(epoch + 1, 0)
+            divergence = replica_divergence(model)
+            logger.scalars(global_step, {"replica_divergence": divergence})
+            if divergence != 0.0:
+                logger.info(f"warning: parameters differ across ranks (max checksum difference {divergence:.3e})")
             if main:
                 logger.info(f"epoch {epoch} done: loss {summary.get('loss', float('nan')):.4f}, "
                             f"{summary.get('samples_per_s', 0):.1f} samples/s, checkpoint {out_dir / CHECKPOINT_NAME}")
@@ -229,6 +233,18 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
         run_knn(cfg, model, device, logger, global_step, summary)
     logger.close()
     return summary
+
+
+def replica_divergence(model: torch.nn.Module) -> float:
+    """Largest difference between ranks of per-parameter checksums (0.0 when replicas are in sync)."""
+    if wdist.world_size() == 1:
+        return 0.0
+    with torch.no_grad():
+        sums = torch.stack([p.detach().double().sum() for p in model.parameters()])  # [P]
+        low, high = sums.clone(), sums.clone()
+        torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+        torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+    return float((high - low).abs().max().item())  # sync point (once per epoch)
 
 
 def run_knn(cfg: Config, model, device, logger: RunLogger, step: int, summary: dict) -> None:

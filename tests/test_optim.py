@@ -1,0 +1,91 @@
+"""LARS against a per-parameter loop of the reference semantics; parameter groups; schedule."""
+import math
+
+import pytest
+import torch
+
+from wcl_fast.config import ModelConfig, OptimConfig
+from wcl_fast.model import build_model
+from wcl_fast.optim import build_optimizer, excluded_parameter_names, learning_rate, parameter_groups
+
+
+def _reference_step(params, grads, buffers, lr, momentum, wd, eta, eps, adapted):
+    """Loop form of the reference: g += wd*w; g *= eta*|w|/(|g|+eps) if both norms > 0; SGD momentum."""
+    for i, (p, g) in enumerate(zip(params, grads)):
+        g = g.double().clone()
+        w = p.double()
+        if adapted[i]:
+            g = g + wd * w
+            pn, gn = w.norm(), g.norm()
+            if pn > 0 and gn > 0:
+                g = g * (eta * pn / (gn + eps))
+        buffers[i] = g if buffers[i] is None else momentum * buffers[i] + g
+        p.data = (w - lr * buffers[i]).to(p.dtype)
+
+
+def test_lars_matches_reference_loop():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 3))
+    with torch.no_grad():
+        model[1].weight.zero_()  # a zero-norm parameter keeps ratio 1
+    cfg = OptimConfig(weight_decay=1e-2, trust_coefficient=0.01, eps=1e-8, exclude_rule="norm_bias")
+    opt = build_optimizer(model, cfg)
+    ref_params = [p.detach().clone() for p in model.parameters()]
+    excluded = excluded_parameter_names(model, "norm_bias")
+    adapted = [name not in excluded for name, _ in model.named_parameters()]
+    buffers = [None] * len(ref_params)
+    for step in range(4):
+        x = torch.randn(8, 6)
+        opt.zero_grad()
+        model(x).pow(2).sum().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        for group in opt.param_groups:
+            group["lr"] = 0.3 + 0.1 * step
+        opt.step()
+        _reference_step(ref_params, grads, buffers, 0.3 + 0.1 * step, 0.9, 1e-2, 0.01, 1e-8, adapted)
+        for got, ref in zip(model.parameters(), ref_params):
+            torch.testing.assert_close(got.detach(), ref, rtol=1e-5, atol=1e-7)
+
+
+def test_lars_trust_ratio_value():
+    w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))  # |w| = 5
+    opt = build_optimizer(torch.nn.ParameterList([w]), OptimConfig(weight_decay=0.0, trust_coefficient=0.001))
+    w.grad = torch.tensor([0.0, 2.0])  # |g| = 2 -> ratio 0.001 * 5 / 2 = 0.0025
+    opt.param_groups[0]["lr"] = 1.0
+    opt.step()
+    torch.testing.assert_close(w.detach(), torch.tensor([3.0, 4.0 - 0.005]))
+
+
+def test_parameter_group_rules():
+    model = build_model(ModelConfig(arch="resnet18", head_hidden=16, head_out=8))
+    reference = excluded_parameter_names(model, "reference")
+    correct = excluded_parameter_names(model, "norm_bias")
+    assert "net.bn1.weight" in reference and "head1.bn1.weight" in reference and "head2.linear3.bias" in reference
+    assert "net.layer2.0.downsample.1.weight" not in reference  # the reference rule's known miss
+    assert "net.layer2.0.downsample.1.weight" in correct and "net.layer2.0.downsample.1.bias" in correct
+    assert correct - reference == {"net.layer2.0.downsample.1.weight", "net.layer3.0.downsample.1.weight",
+                                   "net.layer4.0.downsample.1.weight"}
+    assert not any("conv" in n or n.endswith("linear1.weight") for n in correct)
+    groups = parameter_groups(model, OptimConfig(exclude_rule="reference"))
+    assert groups[0]["lars"] and groups[0]["weight_decay"] == 1e-6
+    assert not groups[1]["lars"] and groups[1]["weight_decay"] == 0.0
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(model.parameters()))
+
+
+def test_schedule_warmup_and_cosine():
+    base, warm, total = 4.8, 100, 1000
+    assert learning_rate(0, base, warm, total) == 0.0
+    assert learning_rate(50, base, warm, total) == pytest.approx(2.4)
+    assert learning_rate(100, base, warm, total) == pytest.approx(4.8)
+    assert learning_rate(550, base, warm, total) == pytest.approx(2.4)
+    t = 700
+    assert learning_rate(t, base, warm, total) == pytest.approx(0.5 * base * (1 + math.cos(math.pi * 600 / 900)))
+    assert learning_rate(1000, base, warm, total) == pytest.approx(0.0, abs=1e-12)
+    assert learning_rate(5, base, 0, 10) == pytest.approx(0.5 * base * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_base_lr_rule():
+    from wcl_fast.optim import base_learning_rate
+
+    assert base_learning_rate(OptimConfig(), 4096) == pytest.approx(4.8)
+    assert base_learning_rate(OptimConfig(base_lr=0.3), 4096) == 0.3
