@@ -95,3 +95,33 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes(tmp_path):
     assert 2 <= state["global_step"] < 200
     logged = _losses(tmp_path)
     assert max(logged) == state["global_step"]  # the checkpoint holds the last finished step
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_training_step_has_no_host_sync_on_cuda():
+    """Forward, WCL loss (1-NN graph + components), backward and LARS under sync-debug 'error'."""
+    from wcl_fast.model import build_model
+    from wcl_fast.optim import build_optimizer
+    from wcl_fast.train import compute_loss
+
+    cfg = load_config(SMOKE, ["data.batch_size=64", "data.local_crops=2"])
+    device = torch.device("cuda")
+    model = build_model(cfg.model).to(device, memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg.optim)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.1
+    globals_ = torch.randn(128, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    locals_ = torch.randn(128, 3, 16, 16, device=device).contiguous(memory_format=torch.channels_last)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                outputs = model(globals_, locals_)
+            terms = compute_loss(cfg, *outputs, rank=0)
+            optimizer.zero_grad(set_to_none=True)
+            (terms.nce + terms.graph).backward()
+            optimizer.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(terms.nce).item() and torch.isfinite(terms.graph).item()

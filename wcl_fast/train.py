@@ -148,6 +148,7 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
     if start_step >= steps_per_epoch:
         start_epoch, start_step = start_epoch + 1, 0
     stopped = cfg.train.stop_at_step > 0 and global_step >= cfg.train.stop_at_step
+    first_step = global_step
     wall_start = time.perf_counter()
     last_log_time, data_wait, last_log_step = time.perf_counter(), 0.0, global_step
     ddp.train()
@@ -228,7 +229,9 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
                 run_knn(cfg, model, device, logger, global_step, summary)
     finally:
         stop.restore()
-    summary.update(global_step=global_step, wall_s=time.perf_counter() - wall_start, failed_images=failed_images)
+    wall = time.perf_counter() - wall_start
+    summary.update(global_step=global_step, wall_s=wall, failed_images=failed_images,
+                   mean_samples_per_s=(global_step - first_step) * samples_per_step / max(wall, 1e-9))
     if cfg.knn.at_end and not stopped:
         run_knn(cfg, model, device, logger, global_step, summary)
     logger.close()
