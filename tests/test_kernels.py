@@ -98,3 +98,10 @@ def test_graph_labelling_has_no_host_sync_on_cuda():
         torch.cuda.set_sync_debug_mode(0)
     nn_cpu = kernels.nearest_neighbor(x).cpu().numpy()
     assert naive.same_partition(labels.cpu().numpy(), naive.components(nn_cpu))
+
+
+def test_components_at_32768_nodes_match_scipy():
+    x = normalized(32768, 16, seed=32)
+    nn_idx = kernels.nearest_neighbor(x)
+    labels = kernels.connected_components(nn_idx)
+    assert naive.same_partition(labels.numpy(), naive.components(nn_idx.numpy()))

@@ -108,7 +108,10 @@ def _rank_worker(rank, world, port, inputs, differentiable, queue):
     loss = terms.nce + terms.graph
     loss.backward()
     mean = all_reduce_mean(torch.stack([terms.nce.detach(), terms.graph.detach()]))
-    queue.put((rank, mean.tolist(), [t.grad.numpy().copy() for t in (z1, z2, u1, u2)]))
+    from wcl_fast.objectives.wcl import weak_labels_sharded
+
+    sharded = weak_labels_sharded(u1, gathered[2], rank * b).numpy().copy()
+    queue.put((rank, mean.tolist(), [t.grad.numpy().copy() for t in (z1, z2, u1, u2)], sharded))
     dist.destroy_process_group()
 
 
@@ -119,7 +122,7 @@ def _run_two_ranks(inputs, differentiable):
     procs = [ctx.Process(target=_rank_worker, args=(r, 2, port, inputs, differentiable, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    results = dict((r, (m, g)) for r, m, g in (queue.get(timeout=120) for _ in procs))
+    results = dict((r, (m, g, labels)) for r, m, g, labels in (queue.get(timeout=120) for _ in procs))
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
@@ -141,8 +144,11 @@ def test_two_processes_give_the_single_process_loss_and_gradients():
     terms = wcl_loss_terms(*full, *full, offset=0, z_local=zl, u_local=ul)
     (terms.nce + terms.graph).backward()
     results = _run_two_ranks(inputs, differentiable=True)
+    single_labels = weak_labels(z1.new_tensor(u1)).numpy()
     for rank in range(2):
-        mean, grads = results[rank]
+        mean, grads, sharded_labels = results[rank]
+        # sharded 1-NN search: every rank holds the single-process partition (identical label ids)
+        assert sharded_labels.tolist() == single_labels.tolist()
         assert mean[0] == pytest.approx(terms.nce.item(), rel=1e-5)
         assert mean[1] == pytest.approx(terms.graph.item(), rel=1e-5)
         # differentiable gather: each rank's rows get world x the full-batch gradient of the mean loss
@@ -169,6 +175,6 @@ def test_detached_gather_matches_reference_semantics():
         u_local = torch.cat([c[rank * b:(rank + 1) * b] for c in ul.chunk(2)])
         terms = wcl_loss_terms(*local, *gathered, offset=rank * b, z_local=z_local, u_local=u_local)
         (terms.nce + terms.graph).backward()
-        _, grads = results[rank]
+        _, grads, _ = results[rank]
         for got, ref in zip(grads, local):
             torch.testing.assert_close(torch.from_numpy(got), ref.grad, rtol=1e-4, atol=1e-6)

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 
 import kernels
+from wcl_fast import dist as wdist
 
 
 class WCLTerms(NamedTuple):
@@ -54,6 +55,18 @@ def contrastive_rows(
 def weak_labels(u_all: torch.Tensor) -> torch.Tensor:
     """Weak labels [N] of one view: components of the undirected 1-NN graph of u_all [N, D] (self excluded)."""
     return kernels.connected_components(kernels.nearest_neighbor(u_all.detach()))
+
+
+@torch.no_grad()
+def weak_labels_sharded(u_local: torch.Tensor, u_all: torch.Tensor, offset: int) -> torch.Tensor:
+    """Weak labels [N] computed cooperatively: this rank finds the 1-NN of its own rows
+    (global ids offset..offset+b) among all N keys, the indices are all-gathered in rank order, and
+    every rank labels the same graph, so all ranks hold identical labels (no rank-0 scatter).
+    """
+    rows = torch.arange(u_local.shape[0], device=u_local.device) + offset
+    columns = torch.arange(u_all.shape[0], device=u_all.device)
+    local_nn = kernels.nearest_neighbor(u_local.detach(), u_all.detach(), rows, columns)  # [b]
+    return kernels.connected_components(wdist.gather_rows(local_nn))  # [N]
 
 
 def _one_hot_columns(rows: torch.Tensor, num_columns: int) -> torch.Tensor:
