@@ -90,3 +90,16 @@ def test_triton_path_has_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert labels.shape == (8192,)
+
+
+def test_kernel_bench_writes_table_and_json(tmp_path, capsys):
+    import json
+
+    from kernels.bench import main
+
+    out = tmp_path / "bench.json"
+    assert main(["--sizes", "128", "--dims", "32", "--dtypes", "fp32", "--repeats", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["path"] for r in rows} >= {"gemm", "reference", "torch", "triton"}
+    assert all(r["ms"] > 0 for r in rows)
+    assert "x GEMM" in capsys.readouterr().out

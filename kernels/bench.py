@@ -1,0 +1,131 @@
+"""Benchmark of the weak-label graph kernels: `python -m kernels.bench [--json FILE]`.
+
+Rows (issue 3), each timed as the median of --repeats runs (CUDA events on a GPU):
+  reference   dense S = U U^T - 2I, topk(1), copy to the CPU, scipy connected_components (the WCL code)
+  torch       kernels.nearest_neighbor(backend="torch") + kernels.connected_components, on the device
+  triton      kernels.nearest_neighbor(backend="triton") + kernels.connected_components, on the device
+  gemm        a plain U @ U^T of the same shape and dtype: the ceiling the fused 1-NN is compared to
+Columns: time (ms), achieved TFLOP/s (2 N^2 D / time), time relative to the GEMM, peak device memory.
+On a CPU the Triton kernel runs under TRITON_INTERPRET=1 and only at the smallest size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the Triton kernel's import
+
+import kernels  # noqa: E402
+
+
+def _timer(device: torch.device, fn, repeats: int) -> float:
+    fn()  # warm-up (compilation, caches)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            stop.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(stop) / 1e3)
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - begin)
+    return statistics.median(times)
+
+
+def reference_labels(u: torch.Tensor):
+    """The reference code's path: dense similarity, self removed, topk, host copy, scipy."""
+    import numpy as np
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = u.shape[0]
+    sim = u @ u.t() - 2 * torch.eye(n, device=u.device, dtype=u.dtype)
+    nn_idx = sim.topk(1, dim=1).indices[:, 0].cpu().numpy()
+    rows = np.arange(n)
+    graph = csr_matrix((np.ones(2 * n), (np.concatenate([rows, nn_idx]), np.concatenate([nn_idx, rows]))), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
+def run(sizes, dims, dtypes, repeats, device) -> list[dict]:
+    rows = []
+    for n in sizes:
+        for d in dims:
+            for dtype_name in dtypes:
+                dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+                generator = torch.Generator(device=device).manual_seed(0)
+                u = torch.nn.functional.normalize(torch.randn(n, d, device=device, generator=generator), dim=1).to(dtype)
+                paths = {
+                    "gemm": lambda: u @ u.t(),
+                    "reference": lambda: reference_labels(u),
+                    "torch": lambda: kernels.connected_components(kernels.nearest_neighbor(u, backend="torch")),
+                }
+                if kernels.triton_available() and (device.type == "cuda" or (n <= 512 and dtype != torch.bfloat16)):
+                    paths["triton"] = lambda: kernels.connected_components(kernels.nearest_neighbor(u, backend="triton"))
+                if device.type == "cpu" and dtype != torch.float32:
+                    paths.pop("gemm")  # CPU half-precision GEMM is not a meaningful ceiling
+                    paths.pop("reference")
+                results = {}
+                for name, fn in paths.items():
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                        torch.cuda.reset_peak_memory_stats()
+                        base = torch.cuda.memory_allocated()
+                    seconds = _timer(device, fn, repeats if name != "triton" or device.type == "cuda" else 1)
+                    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else None
+                    results[name] = (seconds, peak)
+                gemm_time = results.get("gemm", (None,))[0]
+                for name, (seconds, peak) in results.items():
+                    rows.append({"path": name, "n": n, "d": d, "dtype": dtype_name, "ms": 1e3 * seconds,
+                                 "tflops": 2 * n * n * d / seconds / 1e12,
+                                 "vs_gemm": seconds / gemm_time if gemm_time else None, "peak_mib": peak})
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    header = f"{'path':<10}{'N':>7}{'D':>5}{'dtype':>6}{'ms':>11}{'TFLOP/s':>9}{'x GEMM':>8}{'peak MiB':>10}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        vs = f"{r['vs_gemm']:.2f}" if r["vs_gemm"] is not None else "-"
+        peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"
+        print(f"{r['path']:<10}{r['n']:>7}{r['d']:>5}{r['dtype']:>6}{r['ms']:>11.3f}{r['tflops']:>9.3f}{vs:>8}{peak:>10}")
+
+
+def main(argv=None) -> int:
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192, 32768] if cuda else [512, 2048, 4096])
+    parser.add_argument("--dims", type=int, nargs="+", default=[128, 256])
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--repeats", type=int, default=10 if cuda else 3)
+    parser.add_argument("--json", default="kernels_bench.json", help="where to write the rows as JSON")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if cuda else "cpu")
+    hardware = torch.cuda.get_device_name() if cuda else f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+    print(f"kernels.bench on {hardware}; torch {torch.__version__}; median of {args.repeats} "
+          f"({'CUDA events' if cuda else 'wall clock'}){'; Triton under the interpreter (N <= 512, no bf16: the interpreter bf16 tl.dot is broken)' if not cuda else ''}")
+    rows = run(args.sizes, args.dims, args.dtypes, args.repeats, device)
+    print_table(rows)
+    with open(args.json, "w") as handle:
+        json.dump({"hardware": hardware, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+                   "command": " ".join([sys.executable, "-m", "kernels.bench", *(argv or sys.argv[1:])]), "rows": rows},
+                  handle, indent=1)
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
