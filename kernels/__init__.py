@@ -14,10 +14,10 @@ import os
 
 import torch
 
-from kernels.components import connected_components_torch
+from kernels.components import connected_components_edges, connected_components_torch
 from kernels.nearest_neighbor import nearest_neighbor_torch
 
-__all__ = ["nearest_neighbor", "connected_components", "nearest_neighbor_torch", "connected_components_torch",
+__all__ = ["nearest_neighbor", "connected_components", "connected_components_edges", "nearest_neighbor_torch", "connected_components_torch",
            "triton_available"]
 
 _BACKENDS = ("auto", "torch", "triton")

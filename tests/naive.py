@@ -79,3 +79,35 @@ def wcl_terms(z1, z2, u1, u2, tau=0.1, z_local=None, u_local=None):
             graph.append(0.5 * (ce_row(u1 @ u_local[row], tau, pos1, set())
                                 + ce_row(u2 @ u_local[row], tau, pos2, set())))
     return float(np.mean(nce)), float(np.mean(graph))
+
+
+def knn_rule_terms(z1, z2, u1, u2, z_local, u_local, tau=0.1):
+    """Spec wcl.md section 3, `knn` rule, float64 loops: one image graph over all crops."""
+    z1, z2, u1, u2, z_local, u_local = (np.asarray(x, dtype=np.float64) for x in (z1, z2, u1, u2, z_local, u_local))
+    n = len(z1)
+    crops = np.concatenate([u1, u2, u_local])
+    image = np.concatenate([np.arange(n), np.arange(n), np.tile(np.arange(n), len(u_local) // n)])
+    nn_crop = nearest_neighbor(crops, crops, image, image)
+    edges = [(image[c], image[nn_crop[c]]) for c in range(len(crops))]
+    graph = csr_matrix((np.ones(len(edges)), ([a for a, _ in edges], [b for _, b in edges])), shape=(n, n))
+    labels = connected_components(graph, directed=False)[1]
+    keys1 = np.concatenate([z1, z2])
+    nce = [ce_row(keys1 @ z1[i], tau, [n + i], {i}) for i in range(n)]
+    nce += [ce_row(keys1 @ z2[i], tau, [i], {n + i}) for i in range(n)]
+    for row in range(len(z_local)):
+        i = row % n
+        s = keys1 @ z_local[row]
+        nce.append(0.5 * (ce_row(s, tau, [i], {n + i}) + ce_row(s, tau, [n + i], {i})))
+    keys2 = np.concatenate([u1, u2])
+    key_label = np.concatenate([labels, labels])
+    graph_rows = []
+    for view, anchors in ((0, u1), (1, u2)):
+        for i in range(n):
+            own = view * n + i
+            positives = [j for j in range(2 * n) if j != own and key_label[j] == labels[i]]
+            graph_rows.append(ce_row(keys2 @ anchors[i], tau, positives, {own}))
+    for row in range(len(u_local)):
+        i = row % n
+        positives = [j for j in range(2 * n) if key_label[j] == labels[i]]
+        graph_rows.append(ce_row(keys2 @ u_local[row], tau, positives, set()))
+    return float(np.mean(nce)), float(np.mean(graph_rows)), labels

@@ -111,7 +111,14 @@ def _rank_worker(rank, world, port, inputs, differentiable, queue):
     from wcl_fast.objectives.wcl import weak_labels_sharded
 
     sharded = weak_labels_sharded(u1, gathered[2], rank * b).numpy().copy()
-    queue.put((rank, mean.tolist(), [t.grad.numpy().copy() for t in (z1, z2, u1, u2)], sharded))
+    from wcl_fast.objectives.wcl import knn_batch_labels
+
+    knn_labels = knn_batch_labels(u1.detach(), u2.detach(), u_local)
+    knn_terms = wcl_loss_terms(z1, z2, u1, u2, *gathered, offset=rank * b, z_local=z_local, u_local=u_local,
+                               rule="knn", image_labels=knn_labels)
+    knn_mean = all_reduce_mean(torch.stack([knn_terms.nce.detach(), knn_terms.graph.detach()]))
+    queue.put((rank, mean.tolist(), [t.grad.numpy().copy() for t in (z1, z2, u1, u2)],
+               (sharded, knn_labels.numpy().copy(), knn_mean.tolist())))
     dist.destroy_process_group()
 
 
@@ -144,9 +151,16 @@ def test_two_processes_give_the_single_process_loss_and_gradients():
     terms = wcl_loss_terms(*full, *full, offset=0, z_local=zl, u_local=ul)
     (terms.nce + terms.graph).backward()
     results = _run_two_ranks(inputs, differentiable=True)
-    single_labels = weak_labels(z1.new_tensor(u1)).numpy()
+    single_labels = weak_labels(u1).numpy()
+    from wcl_fast.objectives.wcl import knn_batch_labels
+
+    single_knn = knn_batch_labels(u1, u2, ul)
+    knn_terms = wcl_loss_terms(z1, z2, u1, u2, z1, z2, u1, u2, z_local=zl, u_local=ul, rule="knn", image_labels=single_knn)
     for rank in range(2):
-        mean, grads, sharded_labels = results[rank]
+        mean, grads, (sharded_labels, knn_labels, knn_mean) = results[rank]
+        assert naive.same_partition(knn_labels, single_knn.numpy())
+        assert knn_mean[0] == pytest.approx(knn_terms.nce.item(), rel=1e-5)
+        assert knn_mean[1] == pytest.approx(knn_terms.graph.item(), rel=1e-5)
         # sharded 1-NN search: every rank holds the single-process partition (identical label ids)
         assert sharded_labels.tolist() == single_labels.tolist()
         assert mean[0] == pytest.approx(terms.nce.item(), rel=1e-5)
@@ -178,3 +192,42 @@ def test_detached_gather_matches_reference_semantics():
         _, grads, _ = results[rank]
         for got, ref in zip(grads, local):
             torch.testing.assert_close(torch.from_numpy(got), ref.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("n,crops", [(5, 2), (12, 6)])
+def test_knn_multicrop_rule_matches_naive(n, crops):
+    from wcl_fast.objectives.wcl import knn_batch_labels
+
+    d = 8
+    z1, z2, u1, u2 = (normalized(n, d, seed=s + 40) for s in range(4))
+    z_local, u_local = normalized(crops * n, d, seed=50), normalized(crops * n, d, seed=51)
+    labels = knn_batch_labels(u1, u2, u_local)
+    ref_nce, ref_graph, ref_labels = naive.knn_rule_terms(z1.numpy(), z2.numpy(), u1.numpy(), u2.numpy(),
+                                                          z_local.numpy(), u_local.numpy())
+    assert naive.same_partition(labels.numpy(), ref_labels)
+    terms = wcl_loss_terms(z1, z2, u1, u2, z1, z2, u1, u2, z_local=z_local, u_local=u_local, rule="knn",
+                           image_labels=labels)
+    assert terms.nce.item() == pytest.approx(ref_nce, rel=1e-5)
+    assert terms.graph.item() == pytest.approx(ref_graph, rel=1e-5)
+
+
+def test_edge_components_match_scipy_on_random_and_adversarial_graphs():
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from kernels import connected_components_edges
+
+    rng = np.random.default_rng(0)
+    graphs = []
+    for _ in range(20):
+        n = int(rng.integers(1, 400))
+        e = int(rng.integers(0, 2 * n))
+        graphs.append((n, rng.integers(0, n, e), rng.integers(0, n, e)))
+    n = 2000
+    perm = rng.permutation(n)
+    graphs.append((n, perm[:-1], perm[1:]))  # a long path with shuffled ids
+    graphs.append((n, np.arange(n - 1), np.arange(1, n)))  # a long ordered path
+    for n, src, dst in graphs:
+        labels = connected_components_edges(torch.tensor(src, dtype=torch.int64), torch.tensor(dst, dtype=torch.int64), n)
+        ref = connected_components(csr_matrix((np.ones(len(src)), (src, dst)), shape=(n, n)), directed=False)[1]
+        assert naive.same_partition(labels.numpy(), ref)

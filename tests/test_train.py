@@ -57,9 +57,9 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_steps_are_finite(tmp_path, precision):
-    summary = train(_cfg(tmp_path, "train.epochs=1", f"train.precision={precision}"))
+@pytest.mark.parametrize("precision,rule", [("bf16", "inherit"), ("fp16", "inherit"), ("bf16", "knn")])
+def test_mixed_precision_steps_are_finite(tmp_path, precision, rule):
+    summary = train(_cfg(tmp_path, "train.epochs=1", f"train.precision={precision}", f"loss.multicrop_rule={rule}"))
     assert summary["global_step"] == 4 and all(torch.isfinite(torch.tensor(l)) for l in _losses(tmp_path).values())
 
 

@@ -65,7 +65,9 @@ class LossConfig:
     # detached: other ranks' rows carry no gradient (reference semantics);
     # differentiable: gradient flows through the gather (full-batch gradient).
     gather: Literal["detached", "differentiable"] = "detached"
-    multicrop_rule: Literal["inherit"] = "inherit"
+    # inherit: local crops take the global crops' labels; knn: one image graph over all crops
+    # (spec wcl.md section 3). Used only when data.local_crops > 0.
+    multicrop_rule: Literal["inherit", "knn"] = "inherit"
 
 
 @dataclass

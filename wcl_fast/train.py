@@ -22,7 +22,7 @@ from wcl_fast.checkpoint import atomic_save, load_checkpoint, rng_state, set_rng
 from wcl_fast.config import Config, ConfigError, check_paths, load_config, to_dict, to_yaml
 from wcl_fast.log import RunLogger
 from wcl_fast.model import build_model
-from wcl_fast.objectives.wcl import wcl_loss_terms, weak_labels_sharded
+from wcl_fast.objectives.wcl import knn_batch_labels, wcl_loss_terms, weak_labels_sharded
 from wcl_fast.optim import base_learning_rate, build_optimizer, learning_rate
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -77,6 +77,9 @@ def compute_loss(cfg: Config, z_global, u_global, z_local, u_local, rank: int):
     gathered = [wdist.gather_rows(t, differentiable) for t in (z1, z2, u1, u2)]  # [N, D] each
     offset = rank * z1.shape[0]
     labels = None
+    if cfg.loss.multicrop_rule == "knn" and z_local is not None:
+        return wcl_loss_terms(z1, z2, u1, u2, *gathered, offset=offset, tau=cfg.loss.tau, z_local=z_local,
+                              u_local=u_local, rule="knn", image_labels=knn_batch_labels(u1, u2, u_local))
     if wdist.world_size() > 1:  # each rank searches its own rows; every rank gets the same labels
         labels = (weak_labels_sharded(u1, gathered[2], offset), weak_labels_sharded(u2, gathered[3], offset))
     return wcl_loss_terms(z1, z2, u1, u2, *gathered, offset=offset, tau=cfg.loss.tau,

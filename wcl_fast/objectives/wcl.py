@@ -69,6 +69,42 @@ def weak_labels_sharded(u_local: torch.Tensor, u_all: torch.Tensor, offset: int)
     return kernels.connected_components(wdist.gather_rows(local_nn))  # [N]
 
 
+@torch.no_grad()
+def knn_image_labels(crops_all: torch.Tensor, crop_image: torch.Tensor, num_images: int,
+                     local_rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Image-level weak labels of the `knn` multi-crop rule (spec wcl.md section 3).
+
+    crops_all [C, D]: head-2 embeddings of every crop of the global batch; crop_image [C]: its image id.
+    Each crop's 1-NN is searched among crops of OTHER images; images i and j are linked when a crop
+    of i has a crop of j as its 1-NN; the label of an image is its component. local_rows=(start, stop)
+    restricts the search to this rank's crops and all-gathers the indices (same labels on every rank).
+    """
+    queries = crops_all if local_rows is None else crops_all[local_rows[0]:local_rows[1]]
+    query_image = crop_image if local_rows is None else crop_image[local_rows[0]:local_rows[1]]
+    nn_idx = kernels.nearest_neighbor(queries.detach(), crops_all.detach(), query_image, crop_image)
+    if local_rows is not None:
+        nn_idx = wdist.gather_rows(nn_idx)
+    return kernels.connected_components_edges(crop_image, crop_image[nn_idx], num_images)
+
+
+@torch.no_grad()
+def knn_batch_labels(u1: torch.Tensor, u2: torch.Tensor, u_local: torch.Tensor | None) -> torch.Tensor:
+    """Image labels [N] of the knn rule for the global batch, from this rank's crops.
+
+    Every rank contributes its crops rank-major ([u1_r; u2_r; u_local_r], image ids r*b + i), searches
+    its own crops against all of them, and all ranks label the same image graph.
+    """
+    b = u1.shape[0]
+    world, rank = wdist.world_size(), wdist.rank()
+    mine = torch.cat([u1, u2] + ([u_local] if u_local is not None else []))  # [(2+L)b, D]
+    crops_all = wdist.gather_rows(mine.detach())  # [W(2+L)b, D]
+    ids = torch.arange(b, device=u1.device)
+    per_rank = torch.cat([ids, ids] + ([ids.repeat(u_local.shape[0] // b)] if u_local is not None else []))
+    crop_image = torch.cat([per_rank + r * b for r in range(world)])
+    per = mine.shape[0]
+    return knn_image_labels(crops_all, crop_image, world * b, (rank * per, (rank + 1) * per) if world > 1 else None)
+
+
 def _one_hot_columns(rows: torch.Tensor, num_columns: int) -> torch.Tensor:
     """Boolean [len(rows), num_columns] with True at (i, rows[i])."""
     mask = torch.zeros(rows.shape[0], num_columns, dtype=torch.bool, device=rows.device)
@@ -90,20 +126,30 @@ def wcl_loss_terms(
     z_local: torch.Tensor | None = None,
     u_local: torch.Tensor | None = None,
     labels: tuple[torch.Tensor, torch.Tensor] | None = None,
+    rule: str = "inherit",
+    image_labels: torch.Tensor | None = None,
 ) -> WCLTerms:
     """Both WCL terms for this rank's anchors.
 
     z1, z2, u1, u2: this rank's global-view embeddings [b, D] (rows offset..offset+b of the batch).
     z1_all .. u2_all: the gathered embeddings of all ranks [N, D] (this rank's block included).
     z_local, u_local: local-crop embeddings [L*b, D] (crop-major: crop l of sample i is row l*b+i),
-    anchored with the `inherit` rule of spec section 3; None for the 2-view recipe.
+    anchored with the `inherit` or `knn` rule of spec section 3; None for the 2-view recipe.
     labels: precomputed (y1, y2) [N]; default: computed here from u1_all / u2_all.
+    rule='knn': head 2 uses one label per image, `image_labels` [N] (see knn_image_labels); every
+    crop is anchored against all 2N global keys except its own column, positives = keys of images
+    with the same label.
     Returns the head-1 and head-2 terms, each the mean over all of this rank's anchors.
     """
     b, n = z1.shape[0], z1_all.shape[0]
     device = z1.device
     rows = torch.arange(b, device=device) + offset  # global index of each local sample [b]
-    y1, y2 = labels if labels is not None else (weak_labels(u1_all), weak_labels(u2_all))
+    if rule not in ("inherit", "knn"):
+        raise ValueError(f"unknown multi-crop rule {rule!r}; use 'inherit' or 'knn'")
+    if rule == "knn" and image_labels is None:
+        raise ValueError("rule='knn' needs image_labels (knn_image_labels of all crops)")
+    if rule == "inherit":
+        y1, y2 = labels if labels is not None else (weak_labels(u1_all), weak_labels(u2_all))
 
     # Head 1: anchors [z1; z2] against keys [Z1; Z2] (2N columns), own column removed.
     keys1 = torch.cat([z1_all, z2_all])  # [2N, D]
@@ -111,6 +157,12 @@ def wcl_loss_terms(
     other = torch.cat([rows + n, rows])  # [2b]
     nce_rows = [contrastive_rows(torch.cat([z1, z2]), keys1, _one_hot_columns(other, 2 * n),
                                  _one_hot_columns(own, 2 * n), tau)]  # [2b]
+
+    if rule == "knn":
+        graph_rows = _knn_graph_rows(u1, u2, u1_all, u2_all, u_local, rows, image_labels, tau)
+        if z_local is not None and z_local.shape[0] > 0:
+            nce_rows.append(_local_nce_rows(z_local, keys1, rows, n, tau))
+        return WCLTerms(torch.cat(nce_rows).mean(), torch.cat(graph_rows).mean())
 
     # Head 2, global anchors: view v against U_v without itself, positives from the other view's labels.
     self_mask = _one_hot_columns(rows, n)  # [b, N]
@@ -120,19 +172,41 @@ def wcl_loss_terms(
                   contrastive_rows(u2, u2_all, same1, self_mask, tau)]  # 2 x [b]
 
     if z_local is not None and z_local.shape[0] > 0:
-        crops = z_local.shape[0] // b
-        local_rows = rows.repeat(crops)  # [L*b] global sample index of each local crop
-        first = _one_hot_columns(local_rows, 2 * n)  # column of view-1 crop of the same image
-        second = _one_hot_columns(local_rows + n, 2 * n)  # column of view-2 crop
-        # Two positives, each with the other one removed from the denominator; mean of the two.
-        nce_rows.append(0.5 * (contrastive_rows(z_local, keys1, first, second, tau)
-                               + contrastive_rows(z_local, keys1, second, first, tau)))
+        local_rows = rows.repeat(z_local.shape[0] // b)  # [L*b] global sample index of each local crop
+        nce_rows.append(_local_nce_rows(z_local, keys1, rows, n, tau))
         # inherit: labels of the image's global crops; the image's own column is a positive.
         pos_u1 = y2[local_rows, None] == y2[None, :]  # [L*b, N]
         pos_u2 = y1[local_rows, None] == y1[None, :]
         graph_rows.append(0.5 * (contrastive_rows(u_local, u1_all, pos_u1, None, tau)
                                  + contrastive_rows(u_local, u2_all, pos_u2, None, tau)))
     return WCLTerms(torch.cat(nce_rows).mean(), torch.cat(graph_rows).mean())
+
+
+def _local_nce_rows(z_local, keys1, rows, n, tau):
+    """Head 1 for local crops: positives are the image's two global crops, each CE with the other
+    positive removed from its denominator, averaged (spec section 3)."""
+    local_rows = rows.repeat(z_local.shape[0] // rows.shape[0])  # [L*b]
+    first = _one_hot_columns(local_rows, 2 * n)  # column of the view-1 crop of the same image
+    second = _one_hot_columns(local_rows + n, 2 * n)  # column of the view-2 crop
+    return 0.5 * (contrastive_rows(z_local, keys1, first, second, tau)
+                  + contrastive_rows(z_local, keys1, second, first, tau))
+
+
+def _knn_graph_rows(u1, u2, u1_all, u2_all, u_local, rows, image_labels, tau):
+    """Head 2 of the knn rule: every crop against [U1; U2] (2N keys) minus its own column."""
+    n = u1_all.shape[0]
+    keys = torch.cat([u1_all, u2_all])  # [2N, D]
+    key_labels = torch.cat([image_labels, image_labels])  # [2N]
+    out = []
+    for anchors, own in ((u1, rows), (u2, rows + n)):
+        self_mask = _one_hot_columns(own, 2 * n)
+        positive = (image_labels[rows, None] == key_labels[None, :]) & ~self_mask
+        out.append(contrastive_rows(anchors, keys, positive, self_mask, tau))
+    if u_local is not None and u_local.shape[0] > 0:
+        local_rows = rows.repeat(u_local.shape[0] // rows.shape[0])
+        positive = image_labels[local_rows, None] == key_labels[None, :]
+        out.append(contrastive_rows(u_local, keys, positive, None, tau))
+    return out
 
 
 def wcl_loss(z1: torch.Tensor, z2: torch.Tensor, u1: torch.Tensor, u2: torch.Tensor,
