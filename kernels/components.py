@@ -41,30 +41,36 @@ def connected_components_torch(nn_idx: torch.Tensor) -> torch.Tensor:
 
 
 def connected_components_edges(source: torch.Tensor, target: torch.Tensor, num_nodes: int,
-                               check_every: int | None = None) -> torch.Tensor:
+                               check_every: int | None = None, fixed_blocks: int | None = None):
     """Component labels [num_nodes] int64 of the undirected graph with edges source[e] - target[e].
 
     Hook-and-compress (Shiloach & Vishkin 1982 style): every round hooks each tree root onto the
     smallest root adjacent to its tree (scatter 'amin'; parents only decrease, so no cycles), then
     compresses every node to its root with ceil(log2 N) pointer jumps. Label = the smallest node id of
-    the component. Rounds run in blocks of `check_every` (default ceil(log2 N) + 1) and convergence is
-    checked once per block: one host synchronisation per call for the graphs WCL builds (1-NN graphs
-    have small diameter); adversarial graphs take more blocks but always end exact.
+    the component. Rounds run in blocks of `check_every` (default ceil(log2 N) + 1).
+
+    fixed_blocks=None: convergence is checked after every block (one host sync per block; exact).
+    fixed_blocks=K: exactly K blocks run with no host synchronisation and the call returns
+    (labels, converged) where `converged` is a device bool tensor (read it at a log interval); an
+    unconverged result only splits components, never merges distinct ones.
     """
     device = source.device
     parent = torch.arange(num_nodes, device=device)
-    if source.numel() == 0 or num_nodes == 0:
-        return parent
     source, target = source.to(torch.int64), target.to(torch.int64)
+    if source.numel() == 0 or num_nodes == 0:
+        return parent if fixed_blocks is None else (parent, torch.ones((), dtype=torch.bool, device=device))
     jumps = max(1, math.ceil(math.log2(max(num_nodes, 2))))
     check_every = check_every or jumps + 1
-    for _ in range(0, num_nodes + check_every, check_every):
+    blocks = fixed_blocks if fixed_blocks is not None else num_nodes // check_every + 2
+    for _ in range(blocks):
         for _ in range(check_every):
             root_s, root_t = parent[source], parent[target]
             parent = parent.scatter_reduce(0, root_s, root_t, reduce="amin")
             parent = parent.scatter_reduce(0, root_t, root_s, reduce="amin")
             for _ in range(jumps):
                 parent = parent[parent]
-        if bool((parent[source] == parent[target]).all()):  # sync point (once per block)
+        if fixed_blocks is None and bool((parent[source] == parent[target]).all()):  # sync point (exact mode)
             break
-    return parent
+    if fixed_blocks is None:
+        return parent
+    return parent, (parent[source] == parent[target]).all()

@@ -231,3 +231,21 @@ def test_edge_components_match_scipy_on_random_and_adversarial_graphs():
         labels = connected_components_edges(torch.tensor(src, dtype=torch.int64), torch.tensor(dst, dtype=torch.int64), n)
         ref = connected_components(csr_matrix((np.ones(len(src)), (src, dst)), shape=(n, n)), directed=False)[1]
         assert naive.same_partition(labels.numpy(), ref)
+
+
+def test_sync_free_edge_components_report_convergence():
+    from kernels import connected_components_edges
+
+    n = 4096
+    path = torch.randperm(n, generator=torch.Generator().manual_seed(0))  # a path with shuffled ids
+    labels, converged = connected_components_edges(path[:-1], path[1:], n, check_every=1, fixed_blocks=1)
+    assert not bool(converged) and len(set(labels.tolist())) > 1  # one round cannot label a long path
+    exact = connected_components_edges(path[:-1], path[1:], n)
+    assert len(set(exact.tolist())) == 1
+    x = normalized(n, 16, seed=1)
+    image = torch.arange(n) // 4  # 1024 images x 4 crops
+    from wcl_fast.objectives.wcl import knn_image_labels
+
+    fixed, ok = knn_image_labels(x, image, n // 4, fixed_blocks=2)
+    assert bool(ok)
+    assert torch.equal(fixed, knn_image_labels(x, image, n // 4))

@@ -69,8 +69,15 @@ def resolve_resume(cfg: Config) -> Path | None:
     return path
 
 
-def compute_loss(cfg: Config, z_global, u_global, z_local, u_local, rank: int):
-    """Gather the keys across ranks and evaluate the WCL terms for this rank's anchors."""
+KNN_LABEL_BLOCKS = 2  # sync-free image-graph labelling: 2 blocks of ceil(log2 N) + 1 hook/compress rounds
+
+
+def compute_loss(cfg: Config, z_global, u_global, z_local, u_local, rank: int, flags: dict | None = None):
+    """Gather the keys across ranks and evaluate the WCL terms for this rank's anchors.
+
+    flags: optional dict; in knn mode its 'unconverged' entry (device tensor) counts labellings that
+    did not converge within KNN_LABEL_BLOCKS (read at log intervals only).
+    """
     differentiable = cfg.loss.gather == "differentiable"
     z1, z2 = z_global.chunk(2)  # [b, D] each
     u1, u2 = u_global.chunk(2)
@@ -78,8 +85,11 @@ def compute_loss(cfg: Config, z_global, u_global, z_local, u_local, rank: int):
     offset = rank * z1.shape[0]
     labels = None
     if cfg.loss.multicrop_rule == "knn" and z_local is not None:
+        image_labels, converged = knn_batch_labels(u1, u2, u_local, fixed_blocks=KNN_LABEL_BLOCKS)
+        if flags is not None:
+            flags["unconverged"] = flags.get("unconverged", 0) + (~converged).to(torch.float32)
         return wcl_loss_terms(z1, z2, u1, u2, *gathered, offset=offset, tau=cfg.loss.tau, z_local=z_local,
-                              u_local=u_local, rule="knn", image_labels=knn_batch_labels(u1, u2, u_local))
+                              u_local=u_local, rule="knn", image_labels=image_labels)
     if wdist.world_size() > 1:  # each rank searches its own rows; every rank gets the same labels
         labels = (weak_labels_sharded(u1, gathered[2], offset), weak_labels_sharded(u2, gathered[3], offset))
     return wcl_loss_terms(z1, z2, u1, u2, *gathered, offset=offset, tau=cfg.loss.tau,
@@ -140,6 +150,7 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
     stop = StopRequest()
     stop.install()
     accum = torch.zeros(4, device=device)  # loss, nce, graph, steps since last log (device side)
+    flags: dict = {}  # device-side counters of the objective (knn: unconverged labellings)
     failed_images = 0
     summary: dict = {"steps_per_epoch": steps_per_epoch}
     samples_per_step = cfg.data.batch_size
@@ -179,7 +190,7 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
 
                 with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                     z_global, u_global, z_local, u_local = ddp(batch.globals, batch.locals)
-                terms = compute_loss(cfg, z_global, u_global, z_local, u_local, ctx.rank)
+                terms = compute_loss(cfg, z_global, u_global, z_local, u_local, ctx.rank, flags)
                 loss = terms.nce + cfg.loss.graph_weight * terms.graph
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -207,6 +218,12 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
                         logger.info(f"epoch {epoch} step {step_in_epoch}/{steps_per_epoch} loss {record['loss']:.4f} "
                                     f"(nce {record['nce']:.4f} graph {record['graph']:.4f}) lr {lr:.4f} "
                                     f"{record['samples_per_s']:.1f} samples/s data-wait {100 * record['data_wait']:.1f}%")
+                    if "unconverged" in flags:
+                        record["knn_unconverged"] = float(flags["unconverged"])  # sync point
+                        if record["knn_unconverged"] > 0:
+                            logger.info(f"warning: {record['knn_unconverged']:.0f} knn labellings did not converge "
+                                        f"within {KNN_LABEL_BLOCKS} blocks (components split, never merged)")
+                        flags["unconverged"] = 0
                     if not math.isfinite(record["loss"]):
                         logger.info(f"warning: non-finite loss at step {global_step}")
                     summary.update(record)

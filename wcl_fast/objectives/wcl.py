@@ -71,28 +71,31 @@ def weak_labels_sharded(u_local: torch.Tensor, u_all: torch.Tensor, offset: int)
 
 @torch.no_grad()
 def knn_image_labels(crops_all: torch.Tensor, crop_image: torch.Tensor, num_images: int,
-                     local_rows: tuple[int, int] | None = None) -> torch.Tensor:
+                     local_rows: tuple[int, int] | None = None, fixed_blocks: int | None = None):
     """Image-level weak labels of the `knn` multi-crop rule (spec wcl.md section 3).
 
     crops_all [C, D]: head-2 embeddings of every crop of the global batch; crop_image [C]: its image id.
     Each crop's 1-NN is searched among crops of OTHER images; images i and j are linked when a crop
     of i has a crop of j as its 1-NN; the label of an image is its component. local_rows=(start, stop)
     restricts the search to this rank's crops and all-gathers the indices (same labels on every rank).
+    fixed_blocks=K: sync-free labelling, returns (labels, converged flag) (see connected_components_edges).
     """
     queries = crops_all if local_rows is None else crops_all[local_rows[0]:local_rows[1]]
     query_image = crop_image if local_rows is None else crop_image[local_rows[0]:local_rows[1]]
     nn_idx = kernels.nearest_neighbor(queries.detach(), crops_all.detach(), query_image, crop_image)
     if local_rows is not None:
         nn_idx = wdist.gather_rows(nn_idx)
-    return kernels.connected_components_edges(crop_image, crop_image[nn_idx], num_images)
+    return kernels.connected_components_edges(crop_image, crop_image[nn_idx], num_images, fixed_blocks=fixed_blocks)
 
 
 @torch.no_grad()
-def knn_batch_labels(u1: torch.Tensor, u2: torch.Tensor, u_local: torch.Tensor | None) -> torch.Tensor:
+def knn_batch_labels(u1: torch.Tensor, u2: torch.Tensor, u_local: torch.Tensor | None,
+                     fixed_blocks: int | None = None):
     """Image labels [N] of the knn rule for the global batch, from this rank's crops.
 
     Every rank contributes its crops rank-major ([u1_r; u2_r; u_local_r], image ids r*b + i), searches
     its own crops against all of them, and all ranks label the same image graph.
+    fixed_blocks=K: no host sync; returns (labels, converged flag) instead of labels.
     """
     b = u1.shape[0]
     world, rank = wdist.world_size(), wdist.rank()
@@ -102,7 +105,8 @@ def knn_batch_labels(u1: torch.Tensor, u2: torch.Tensor, u_local: torch.Tensor |
     per_rank = torch.cat([ids, ids] + ([ids.repeat(u_local.shape[0] // b)] if u_local is not None else []))
     crop_image = torch.cat([per_rank + r * b for r in range(world)])
     per = mine.shape[0]
-    return knn_image_labels(crops_all, crop_image, world * b, (rank * per, (rank + 1) * per) if world > 1 else None)
+    return knn_image_labels(crops_all, crop_image, world * b, (rank * per, (rank + 1) * per) if world > 1 else None,
+                            fixed_blocks)
 
 
 def _one_hot_columns(rows: torch.Tensor, num_columns: int) -> torch.Tensor:
