@@ -60,7 +60,7 @@ def test_resume_continues_exactly(tmp_path):
 @pytest.mark.parametrize("precision,rule", [("bf16", "inherit"), ("fp16", "inherit"), ("bf16", "knn")])
 def test_mixed_precision_steps_are_finite(tmp_path, precision, rule):
     summary = train(_cfg(tmp_path, "train.epochs=1", f"train.precision={precision}", f"loss.multicrop_rule={rule}"))
-    assert summary["global_step"] == 4 and all(torch.isfinite(torch.tensor(l)) for l in _losses(tmp_path).values())
+    assert summary["global_step"] == 4 and all(torch.isfinite(torch.tensor(l)) for l in _losses(tmp_path).values()), _log(tmp_path)
 
 
 def test_two_process_torchrun_keeps_replicas_identical(tmp_path):
@@ -98,13 +98,14 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_training_step_has_no_host_sync_on_cuda():
+@pytest.mark.parametrize("rule", ["inherit", "knn"])
+def test_training_step_has_no_host_sync_on_cuda(rule):
     """Forward, WCL loss (1-NN graph + components), backward and LARS under sync-debug 'error'."""
     from wcl_fast.model import build_model
     from wcl_fast.optim import build_optimizer
     from wcl_fast.train import compute_loss
 
-    cfg = load_config(SMOKE, ["data.batch_size=64", "data.local_crops=2"])
+    cfg = load_config(SMOKE, ["data.batch_size=64", "data.local_crops=2", f"loss.multicrop_rule={rule}"])
     device = torch.device("cuda")
     model = build_model(cfg.model).to(device, memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.optim)
