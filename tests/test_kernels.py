@@ -5,7 +5,7 @@ import torch
 
 import kernels
 import naive
-from conftest import normalized, requires_cuda
+from conftest import no_host_sync, normalized, requires_cuda
 
 
 @pytest.mark.parametrize("m,n,d", [(1, 5, 3), (7, 7, 4), (33, 50, 8), (64, 129, 16)])
@@ -88,15 +88,13 @@ def test_components_duplicate_points():
 
 
 @requires_cuda
-def test_graph_labelling_has_no_host_sync_on_cuda():
-    x = normalized(4096, 128, seed=1).cuda()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        labels = kernels.connected_components(kernels.nearest_neighbor(x))
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    nn_cpu = kernels.nearest_neighbor(x).cpu().numpy()
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_graph_labelling_has_no_host_sync_on_cuda(backend):
+    x = normalized(8192, 128, seed=1, dtype=torch.bfloat16).cuda()
+    kernels.nearest_neighbor(x, backend=backend)  # compile / warm up outside the check
+    with no_host_sync():
+        labels = kernels.connected_components(kernels.nearest_neighbor(x, backend=backend))
+    nn_cpu = kernels.nearest_neighbor(x, backend=backend).cpu().numpy()
     assert naive.same_partition(labels.cpu().numpy(), naive.components(nn_cpu))
 
 

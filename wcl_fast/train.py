@@ -110,6 +110,12 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
         logger.info(f"wcl-fast: world size {ctx.world_size}, device {device}, precision {cfg.train.precision}\n"
                     f"--- resolved config (saved to {out_dir / 'config.yaml'}) ---\n{to_yaml(cfg)}---")
 
+    smallest = min([cfg.data.global_size] + ([cfg.data.local_size] if cfg.data.local_crops else []))
+    if device.type == "cpu" and cfg.train.precision == "bf16" and smallest // (16 if cfg.model.stem == "imagenet" else 4) < 2:
+        logger.info(f"warning: {smallest}px crops reach the last ResNet stage at 1x1; on CPU, bf16 weight gradients of "
+                    f"its stride-2 conv are intermittently NaN there (torch CPU kernel issue). Use larger crops or "
+                    f"train.precision=fp32.")
+
     from pipelines import build_loader
 
     loader = build_loader(cfg, "train", ctx.rank, ctx.world_size)
