@@ -89,3 +89,41 @@ def test_base_lr_rule():
 
     assert base_learning_rate(OptimConfig(), 4096) == pytest.approx(4.8)
     assert base_learning_rate(OptimConfig(base_lr=0.3), 4096) == 0.3
+
+
+def test_nonfinite_gradients_skip_the_step_without_touching_state():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2))
+    opt = build_optimizer(model, OptimConfig(weight_decay=1e-3), skip_nonfinite=True)
+    for group in opt.param_groups:
+        group["lr"] = 0.5
+    model(torch.randn(8, 4)).sum().backward()
+    opt.step()  # a normal step fills the momentum buffers
+    assert bool(opt.last_step_ok)
+    before = [p.detach().clone() for p in model.parameters()]
+    buffers = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    opt.zero_grad()
+    model(torch.randn(8, 4)).sum().backward()
+    model[0].weight.grad[0, 0] = float("nan")
+    model[2].bias.grad[0] = float("inf")
+    opt.step()
+    assert not bool(opt.last_step_ok)
+    for p, b, p0, b0 in zip(model.parameters(), [opt.state[p]["momentum_buffer"] for p in model.parameters()], before, buffers):
+        assert torch.equal(p.detach(), p0) and torch.equal(b, b0)
+
+
+def test_guarded_step_equals_plain_step_on_finite_gradients():
+    torch.manual_seed(1)
+    models = [torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [build_optimizer(m, OptimConfig(weight_decay=1e-2), skip_nonfinite=flag) for m, flag in zip(models, (False, True))]
+    for step in range(3):
+        x = torch.randn(8, 5)
+        for m, o in zip(models, opts):
+            for group in o.param_groups:
+                group["lr"] = 0.2
+            o.zero_grad()
+            m(x).pow(2).sum().backward()
+            o.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # fused alpha vs separate multiply rounding

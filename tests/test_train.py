@@ -112,7 +112,7 @@ def test_training_step_has_no_host_sync_on_cuda(rule):
     cfg = load_config(SMOKE, ["data.batch_size=64", "data.local_crops=2", f"loss.multicrop_rule={rule}"])
     device = torch.device("cuda")
     model = build_model(cfg.model).to(device, memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, skip_nonfinite=True)  # the trainer default (NaN guard)
     for group in optimizer.param_groups:
         group["lr"] = 0.1
     globals_ = torch.randn(128, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
@@ -131,3 +131,41 @@ def test_training_step_has_no_host_sync_on_cuda(rule):
         for _ in range(3):
             terms = step()
     assert torch.isfinite(terms.nce).item() and torch.isfinite(terms.graph).item()
+
+
+def _inject_nan(monkeypatch, bad_steps):
+    """Make the loss NaN (so every gradient is NaN) at the given 0-based global steps."""
+    import wcl_fast.train as train_module
+
+    real = train_module.compute_loss
+    calls = {"n": 0}
+
+    def patched(*args, **kwargs):
+        terms = real(*args, **kwargs)
+        step = calls["n"]
+        calls["n"] += 1
+        if bad_steps(step):
+            return type(terms)(terms.nce * float("nan"), terms.graph)
+        return terms
+
+    monkeypatch.setattr(train_module, "compute_loss", patched)
+
+
+def test_nan_step_is_skipped_and_counted(tmp_path, monkeypatch):
+    _inject_nan(monkeypatch, lambda step: step == 2)
+    summary = train(_cfg(tmp_path, "train.epochs=1", "data.local_crops=0"))
+    assert summary["skipped_steps"] == 1.0
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    losses = _losses(tmp_path)
+    assert losses[3] != losses[3] and all(losses[s] == losses[s] for s in (1, 2, 4))  # step 3 logged as NaN
+
+
+def test_consecutive_nan_steps_stop_the_run_and_keep_the_checkpoint(tmp_path, monkeypatch):
+    from wcl_fast.train import NonFiniteError
+
+    _inject_nan(monkeypatch, lambda step: step >= 4)  # epoch 0 (4 steps) is fine, then every step fails
+    with pytest.raises(NonFiniteError, match="3 steps in a row had non-finite gradients"):
+        train(_cfg(tmp_path, "train.epochs=3", "data.local_crops=0", "train.max_bad_steps=3"))
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert (state["epoch"], state["global_step"]) == (1, 4)

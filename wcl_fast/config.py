@@ -95,6 +95,9 @@ class TrainConfig:
     stop_at_step: int = 0  # > 0: stop (with a checkpoint) after this global step; schedule unchanged
     progress: bool = True
     tensorboard: bool = True
+    # NaN/inf guard: a step with non-finite gradients is skipped on the device and counted; this many
+    # skipped steps in a row stop the run (0 disables the guard).
+    max_bad_steps: int = 20
 
 
 @dataclass
@@ -238,7 +241,7 @@ def _check_values(cfg: Config) -> None:
         if value <= 0:
             raise ConfigError(f"config key '{key}' must be > 0, got {value}")
     for key, value in {"data.workers": cfg.data.workers, "data.local_crops": cfg.data.local_crops,
-                       "train.stop_at_step": cfg.train.stop_at_step, "optim.warmup_epochs": cfg.optim.warmup_epochs,
+                       "train.stop_at_step": cfg.train.stop_at_step, "train.max_bad_steps": cfg.train.max_bad_steps, "optim.warmup_epochs": cfg.optim.warmup_epochs,
                        "knn.every_epochs": cfg.knn.every_epochs}.items():
         if value < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {value}")

@@ -57,10 +57,14 @@ class LARS(torch.optim.Optimizer):
     """SGD momentum with layer-wise trust ratio on the weight-decayed gradient (see module docstring)."""
 
     def __init__(self, params, lr: float = 0.0, momentum: float = 0.9, weight_decay: float = 0.0,
-                 trust_coefficient: float = 0.001, eps: float = 0.0):
+                 trust_coefficient: float = 0.001, eps: float = 0.0, skip_nonfinite: bool = False):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, lars=True,
                         trust_coefficient=trust_coefficient, eps=eps)
         super().__init__(params, defaults)
+        # skip_nonfinite: a step whose gradients hold NaN/inf leaves parameters and momentum untouched,
+        # decided on the device (no host sync); `last_step_ok` holds that decision as a bool tensor.
+        self.skip_nonfinite = skip_nonfinite
+        self.last_step_ok: torch.Tensor | None = None
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -68,11 +72,19 @@ class LARS(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        ok = None
+        if self.skip_nonfinite:
+            all_grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+            if all_grads:
+                ok = torch.isfinite(torch.stack(torch._foreach_norm(all_grads))).all()
+            self.last_step_ok = ok
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
             grads = [p.grad for p in params]
+            if ok is not None:
+                grads = [g.nan_to_num(0.0, 0.0, 0.0) for g in grads]
             if group["weight_decay"] != 0:
                 grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
             if group["lars"]:
@@ -88,15 +100,22 @@ class LARS(torch.optim.Optimizer):
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 buffers.append(state["momentum_buffer"])
-            torch._foreach_mul_(buffers, group["momentum"])
-            torch._foreach_add_(buffers, grads)
-            torch._foreach_add_(params, buffers, alpha=-group["lr"])
+            if ok is None:
+                torch._foreach_mul_(buffers, group["momentum"])
+                torch._foreach_add_(buffers, grads)
+                torch._foreach_add_(params, buffers, alpha=-group["lr"])
+            else:  # a skipped step: grads -> 0, momentum factor -> 1, lr -> 0
+                keep = ok.to(params[0].dtype)
+                grads = torch._foreach_mul(grads, keep)
+                torch._foreach_mul_(buffers, torch.where(ok, group["momentum"], 1.0).to(params[0].dtype))
+                torch._foreach_add_(buffers, grads)
+                torch._foreach_add_(params, torch._foreach_mul(buffers, -group["lr"] * keep))
         return loss
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> LARS:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, skip_nonfinite: bool = False) -> LARS:
     return LARS(parameter_groups(model, cfg), lr=0.0, momentum=cfg.momentum,
-                trust_coefficient=cfg.trust_coefficient, eps=cfg.eps)
+                trust_coefficient=cfg.trust_coefficient, eps=cfg.eps, skip_nonfinite=skip_nonfinite)
 
 
 def base_learning_rate(cfg: OptimConfig, global_batch: int) -> float:

@@ -28,6 +28,10 @@ from wcl_fast.optim import base_learning_rate, build_optimizer, learning_rate
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with NaN/inf gradients (train.max_bad_steps)."""
+
+
 class StopRequest:
     """Set by SIGINT / SIGTERM; the loop checkpoints and exits at the next step boundary it checks."""
 
@@ -126,7 +130,8 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
 
     memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     model = build_model(cfg.model)
-    optimizer = build_optimizer(model, cfg.optim)
+    guard = cfg.train.max_bad_steps > 0
+    optimizer = build_optimizer(model, cfg.optim, skip_nonfinite=guard)
     dtype = autocast_dtype(cfg.train.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
     start_epoch, start_step, global_step = 0, 0, 0
@@ -156,6 +161,7 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
     stop = StopRequest()
     stop.install()
     accum = torch.zeros(4, device=device)  # loss, nce, graph, steps since last log (device side)
+    bad_steps = torch.zeros(2, device=device)  # skipped non-finite steps: total, current run in a row
     flags: dict = {}  # device-side counters of the objective (knn: unconverged labellings)
     failed_images = 0
     summary: dict = {"steps_per_epoch": steps_per_epoch}
@@ -203,7 +209,15 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
                 scaler.step(optimizer)
                 scaler.update()
 
-                accum += torch.stack([loss.detach(), terms.nce.detach(), terms.graph.detach(), torch.ones((), device=device)])
+                if guard and optimizer.last_step_ok is not None:
+                    bad = (~optimizer.last_step_ok).to(torch.float32)
+                    bad_steps = torch.stack([bad_steps[0] + bad, (bad_steps[1] + bad) * bad])
+                    finite = torch.isfinite(loss.detach())
+                    zero = torch.zeros((), device=device)
+                    accum += torch.stack([torch.where(finite, loss.detach(), zero), torch.where(finite, terms.nce.detach(), zero),
+                                          torch.where(finite, terms.graph.detach(), zero), finite.to(torch.float32)])
+                else:
+                    accum += torch.stack([loss.detach(), terms.nce.detach(), terms.graph.detach(), torch.ones((), device=device)])
                 global_step += 1
                 step_in_epoch += 1
                 bar.update(1)
@@ -211,12 +225,16 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
                 if global_step % cfg.train.log_interval == 0 or step_in_epoch == steps_per_epoch or at_stop:
                     values = wdist.all_reduce_mean(torch.cat([accum, torch.tensor([float(stop.requested)], device=device)]))
                     values = values.tolist()  # sync point
+                    skipped_total, skipped_in_row = bad_steps.tolist()  # sync point (identical on all ranks: DDP grads)
+                    if values[3] == 0:  # every step of the interval was non-finite
+                        values[:3], values[3] = [float("nan")] * 3, 1.0
                     now = time.perf_counter()
                     elapsed = now - last_log_time
                     steps = global_step - last_log_step
                     record = {"loss": values[0] / values[3], "nce": values[1] / values[3], "graph": values[2] / values[3],
                               "lr": lr, "epoch": epoch, "samples_per_s": steps * samples_per_step / elapsed,
-                              "data_wait": data_wait / elapsed, "failed_images": failed_images}
+                              "data_wait": data_wait / elapsed, "failed_images": failed_images,
+                              "skipped_steps": skipped_total}
                     logger.scalars(global_step, record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}",
                                     wait=f"{100 * record['data_wait']:.0f}%")
@@ -238,6 +256,12 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
                     if values[4] > 0:
                         logger.info("stop requested: writing a checkpoint and exiting")
                         stopped = True
+                    if guard and skipped_in_row >= cfg.train.max_bad_steps:
+                        raise NonFiniteError(
+                            f"{skipped_in_row:.0f} steps in a row had non-finite gradients (step {global_step}, "
+                            f"{skipped_total:.0f} skipped in all); parameters were not updated by them and the last "
+                            f"checkpoint {out_dir / CHECKPOINT_NAME} is untouched. Lower optim.base_lr, try "
+                            f"train.precision=fp32, or check the data")
                 if at_stop:
                     stopped = True
                 if stopped:
@@ -312,6 +336,9 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     finally:
         wdist.cleanup()
     return 0
