@@ -212,12 +212,11 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
                 if guard and optimizer.last_step_ok is not None:
                     bad = (~optimizer.last_step_ok).to(torch.float32)
                     bad_steps = torch.stack([bad_steps[0] + bad, (bad_steps[1] + bad) * bad])
-                    finite = torch.isfinite(loss.detach())
-                    zero = torch.zeros((), device=device)
-                    accum += torch.stack([torch.where(finite, loss.detach(), zero), torch.where(finite, terms.nce.detach(), zero),
-                                          torch.where(finite, terms.graph.detach(), zero), finite.to(torch.float32)])
-                else:
-                    accum += torch.stack([loss.detach(), terms.nce.detach(), terms.graph.detach(), torch.ones((), device=device)])
+                # logged means cover finite steps only; an interval with none logs NaN
+                step_values = torch.stack([loss.detach(), terms.nce.detach(), terms.graph.detach()])  # [3]
+                finite = torch.isfinite(step_values[0])
+                accum += torch.cat([torch.where(finite, step_values, torch.zeros_like(step_values)),
+                                    finite.to(torch.float32)[None]])
                 global_step += 1
                 step_in_epoch += 1
                 bar.update(1)
