@@ -110,6 +110,23 @@ class KnnConfig:
 
 
 @dataclass
+class LinearConfig:
+    """Linear evaluation (spec wcl.md section 5): frozen encoder, Linear(d, classes) ~ N(0, 0.01)."""
+
+    checkpoint: str = ""  # wcl-fast checkpoint.pt ("" = untrained encoder, for baselines)
+    epochs: int = 80
+    batch_size: int = 4096  # global
+    lr_scale: float = 0.2  # lr = lr_scale * batch / 256, cosine to 0 per iteration
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 0.0
+    # True: features of the evaluation transform are computed once and the layer trains on them
+    # (fast probes on small datasets; no RandomResizedCrop/flip). False: the reference protocol.
+    cache_features: bool = False
+    out_dir: str = "runs/linear"
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -117,6 +134,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)
+    linear: LinearConfig = field(default_factory=LinearConfig)
 
 
 def _type_name(tp) -> str:

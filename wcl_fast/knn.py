@@ -21,8 +21,8 @@ from wcl_fast import dist as wdist
 
 @torch.no_grad()
 def extract_features(encoder: torch.nn.Module, loader, device: torch.device, channels_last: bool = True,
-                     precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised features [n, d] (fp32) and labels [n] of this rank's shard."""
+                     precision: str = "fp32", normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features [n, d] (fp32; L2-normalised unless normalize=False) and labels [n] of this rank's shard."""
     was_training = encoder.training
     encoder.eval()
     feats, labels = [], []
@@ -31,7 +31,7 @@ def extract_features(encoder: torch.nn.Module, loader, device: torch.device, cha
         batch = batch.to(device, channels_last)
         with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             h = encoder(batch.globals)  # [B, d]
-        feats.append(F.normalize(h.float(), dim=1))
+        feats.append(F.normalize(h.float(), dim=1) if normalize else h.float())
         labels.append(batch.label)
     encoder.train(was_training)
     return torch.cat(feats), torch.cat(labels)

@@ -1,0 +1,174 @@
+"""Linear evaluation of a WCL encoder (spec wcl.md section 5; protocol of the reference linear_eval.py).
+
+    torchrun --nproc_per_node 8 -m wcl_fast.linear --config configs/linear_imagenet.yaml linear.checkpoint=PATH
+
+Frozen encoder in eval mode; Linear(d, classes) initialised N(0, 0.01), bias 0; SGD Nesterov momentum
+0.9, weight decay 0, lr = 0.2 * batch / 256 with per-iteration cosine decay; train transform
+RandomResizedCrop(size) + horizontal flip, evaluation Resize + CenterCrop. Every epoch the exact
+validation set is evaluated (each image once across ranks, no padding); the final epoch's top-1/top-5
+is the result, the best epoch is reported too, labelled as such.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch.utils.data import Dataset
+
+from wcl_fast import dist as wdist
+from wcl_fast.config import Config, ConfigError, check_paths, load_config
+from wcl_fast.knn import extract_features, gather_variable
+
+
+class LinearTrainDataset(Dataset):
+    """Key (epoch, index) -> RandomResizedCrop(scale 0.08-1) + flip of one image, normalised."""
+
+    def __init__(self, source, cfg, seed: int):
+        self.source, self.cfg, self.seed = source, cfg, seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key):
+        from pipelines.reference import random_resized_crop_box, to_normalized_tensor
+
+        epoch, index = key
+        rng = np.random.default_rng([self.seed, epoch, index, 7])
+        img, actual, label, failed = self.source.read(index)
+        top, left, h, w = random_resized_crop_box(rng, img.width, img.height, (0.08, 1.0), (3 / 4, 4 / 3))
+        crop = img.resize((self.cfg.global_size, self.cfg.global_size), Image.BILINEAR, box=(left, top, left + w, top + h))
+        if rng.random() < 0.5:
+            crop = TF.hflip(crop)
+        return [to_normalized_tensor(crop, self.cfg.mean, self.cfg.std)], [], actual, label, failed
+
+
+def load_encoder(cfg: Config, device: torch.device) -> torch.nn.Module:
+    from wcl_fast.checkpoint import load_checkpoint
+    from wcl_fast.export import encoder_state_dict
+    from wcl_fast.model import build_encoder
+
+    encoder = build_encoder(cfg.model.arch, cfg.model.stem)
+    if cfg.linear.checkpoint:
+        encoder.load_state_dict(encoder_state_dict(load_checkpoint(cfg.linear.checkpoint)["model"]))
+    for param in encoder.parameters():
+        param.requires_grad_(False)
+    fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    return encoder.to(device, memory_format=fmt).eval()
+
+
+@torch.no_grad()
+def encoder_features(encoder: torch.nn.Module, batch, cfg: Config) -> torch.Tensor:
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
+    with torch.autocast(device_type=batch.globals.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        return encoder(batch.globals).float()  # [B, d]
+
+
+@torch.no_grad()
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hits = top == labels[:, None]
+    return 100.0 * hits[:, 0].float().mean().item(), 100.0 * hits.any(dim=1).float().mean().item()  # sync point
+
+
+def train_linear(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
+    """Train the linear classifier; returns final and best-epoch top-1/top-5 on the validation set."""
+    from pipelines.reference import (ImageSource, MultiCropLoader, StepSampler, build_eval_loader, collate_eval,
+                                     scan_image_folder)
+
+    ctx = ctx or wdist.init_distributed()
+    device, lin = ctx.device, cfg.linear
+    torch.manual_seed(cfg.train.seed)
+    encoder = load_encoder(cfg, device)
+    pin = device.type == "cuda"
+    val_loader, n_val, num_classes = build_eval_loader(cfg.data, cfg.data.val_dir, "data.val_dir", cfg.knn.batch_size,
+                                                       ctx.rank, ctx.world_size, pin)
+    val_feats, val_labels = extract_features(encoder, val_loader, device, cfg.model.channels_last,
+                                             cfg.train.precision, normalize=False)
+    val_feats, val_labels = gather_variable(val_feats), gather_variable(val_labels)
+    assert val_feats.shape[0] == n_val, "validation shards must cover the set exactly once"
+    dim = val_feats.shape[1]
+    classifier = torch.nn.Linear(dim, num_classes).to(device)
+    torch.nn.init.normal_(classifier.weight, std=0.01)
+    torch.nn.init.zeros_(classifier.bias)
+    lr = lin.lr_scale * lin.batch_size / 256
+    optimizer = torch.optim.SGD(classifier.parameters(), lr=lr, momentum=lin.momentum, nesterov=lin.nesterov,
+                                weight_decay=lin.weight_decay)
+    if lin.cache_features:
+        # every rank holds all cached features and takes identical steps: no DDP needed
+        train_loader, n_train, _ = build_eval_loader(cfg.data, cfg.data.train_dir, "data.train_dir", cfg.knn.batch_size,
+                                                     ctx.rank, ctx.world_size, pin)
+        feats, labels = extract_features(encoder, train_loader, device, cfg.model.channels_last, cfg.train.precision,
+                                         normalize=False)
+        feats, labels = gather_variable(feats), gather_variable(labels)
+        sampler = StepSampler(n_train, lin.batch_size, 0, 1, cfg.train.seed)
+        model = classifier
+    else:
+        samples, _ = scan_image_folder(cfg.data.train_dir, "data.train_dir")
+        sampler = StepSampler(len(samples), lin.batch_size, ctx.rank, ctx.world_size, cfg.train.seed)
+        loader = MultiCropLoader(LinearTrainDataset(ImageSource(samples), cfg.data, cfg.train.seed), sampler,
+                                 cfg.data.workers, pin, collate=collate_eval)
+        model = (torch.nn.parallel.DistributedDataParallel(classifier, device_ids=[device.index] if pin else None)
+                 if ctx.distributed else classifier)
+    steps_per_epoch = sampler.steps_per_epoch
+    total = lin.epochs * steps_per_epoch
+    history = []
+    step = 0
+    start = time.perf_counter()
+    for epoch in range(lin.epochs):
+        sampler.set_epoch(epoch)
+        if lin.cache_features:
+            batches = ((feats[idx], labels[idx]) for idx in (torch.tensor([i for _, i in keys]) for keys in sampler))
+        else:
+            batches = ((encoder_features(encoder, batch, cfg), batch.label)
+                       for batch in (b.to(device, cfg.model.channels_last) for b in loader.epoch(epoch)))
+        for x, y in batches:
+            for group in optimizer.param_groups:
+                group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / total))
+            loss = F.cross_entropy(model(x.to(device)), y.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+        with torch.no_grad():
+            top1, top5 = accuracy(classifier(val_feats), val_labels)
+        history.append((top1, top5))
+        if ctx.is_main:
+            print(f"linear epoch {epoch}: val top-1 {top1:.2f}%  top-5 {top5:.2f}%  (last batch loss {loss.item():.4f})",
+                  flush=True)
+    best = max(range(len(history)), key=lambda e: history[e][0])
+    return {"top1": history[-1][0], "top5": history[-1][1], "best_epoch": best, "best_top1": history[best][0],
+            "best_top5": history[best][1], "val_count": n_val, "wall_s": time.perf_counter() - start}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m wcl_fast.linear", description="Linear evaluation of a WCL encoder")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. linear.checkpoint=runs/X/checkpoint.pt")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        check_paths(cfg, need_val=True)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    ctx = wdist.init_distributed()
+    try:
+        result = train_linear(cfg, ctx)
+    finally:
+        wdist.cleanup()
+    if ctx.is_main:
+        print(f"linear probe ({result['val_count']} validation images): final epoch top-1 {result['top1']:.2f}% "
+              f"top-5 {result['top5']:.2f}%; best epoch {result['best_epoch']} top-1 {result['best_top1']:.2f}% "
+              f"(best-epoch numbers are what the reference code reports)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
