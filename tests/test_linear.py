@@ -57,3 +57,55 @@ def test_two_processes_count_an_odd_validation_set_exactly(colour_folders):
     (count_1, top1_1), (count_2, top1_2) = (re.search(pattern, p.stdout).groups() for p in (single, double))
     assert count_1 == count_2 == "21"
     assert top1_1 == top1_2  # cached features: every rank takes the single-process steps
+
+
+def test_seeded_subset_is_class_balanced_and_stable():
+    from wcl_fast.finetune import balanced_subset
+
+    labels = [0] * 100 + [1] * 300 + [2] * 50
+    subset = balanced_subset(labels, 0.1, seed=0)
+    counts = np.bincount(np.asarray(labels)[subset])
+    assert counts.tolist() == [10, 30, 5]
+    assert subset == balanced_subset(labels, 0.1, seed=0)
+    assert subset != balanced_subset(labels, 0.1, seed=1)
+    assert np.bincount(np.asarray(labels)[balanced_subset(labels, 0.001, 0)]).tolist() == [1, 1, 1]
+
+
+def test_subset_file_paths_and_missing_entries(colour_folders, tmp_path):
+    from pipelines.reference import scan_image_folder
+    from wcl_fast.config import ConfigError
+    from wcl_fast.finetune import read_subset_file
+
+    train_dir = str(colour_folders / "train")
+    samples, _ = scan_image_folder(train_dir)
+    listing = tmp_path / "subset.txt"
+    listing.write_text("class0/3.jpg\n\nclass2/15.jpg\nclass1/0.jpg\n")  # relative paths, a blank line
+    indices = read_subset_file(str(listing), samples, train_dir)
+    assert [Path(samples[i][0]).relative_to(train_dir).as_posix() for i in indices] == ["class0/3.jpg", "class1/0.jpg",
+                                                                                       "class2/15.jpg"]
+    listing.write_text("3.jpg\n")  # a bare name that three classes share is ambiguous
+    with pytest.raises(ConfigError, match="match several files by name"):
+        read_subset_file(str(listing), samples, train_dir)
+    unique = colour_folders / "train" / "class1" / "unique_name.jpg"
+    Image.new("RGB", (8, 8)).save(unique)
+    try:
+        samples, _ = scan_image_folder(train_dir)
+        listing.write_text("unique_name.jpg\n")  # a unique bare name matches, as in the SimCLR lists
+        assert [samples[i][0] for i in read_subset_file(str(listing), samples, train_dir)] == [str(unique)]
+    finally:
+        unique.unlink()
+    listing.write_text("class0/3.jpg\nclass9/404.jpg\n")
+    with pytest.raises(ConfigError, match="1 of 2 listed images are not in data.train_dir .*first: 'class9/404.jpg'"):
+        read_subset_file(str(listing), samples, train_dir)
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_subset_file(str(tmp_path / "none.txt"), samples, train_dir)
+
+
+def test_finetune_on_a_label_subset_learns_the_classes(colour_folders):
+    from wcl_fast.finetune import finetune
+
+    cfg = load_config(None, _overrides(colour_folders) + ["finetune.label_fraction=0.5", "finetune.epochs=20",
+                                                          "finetune.batch_size=8", "finetune.lr_scale=0.5"])
+    result = finetune(cfg)
+    assert result["labelled"] == 24 and result["val_count"] == 21
+    assert result["top1"] >= 90.0

@@ -127,6 +127,21 @@ class LinearConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Semi-supervised fine-tuning (spec wcl.md section 5): encoder + new linear layer on a label subset."""
+
+    checkpoint: str = ""  # wcl-fast checkpoint.pt ("" = untrained encoder, for baselines)
+    subset_file: str = ""  # one image path per line (e.g. the SimCLR 1% / 10% lists); "" = seeded subset
+    label_fraction: float = 0.01  # class-balanced fraction per class when no subset_file is given
+    epochs: int = 60  # SimCLR: 60 epochs for 1 %, 30 for 10 %
+    batch_size: int = 256  # global
+    lr_scale: float = 0.05  # lr = lr_scale * batch / 256, cosine to 0 per iteration
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 0.0
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -135,6 +150,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 def _type_name(tp) -> str:

@@ -49,14 +49,16 @@ class LinearTrainDataset(Dataset):
         return [to_normalized_tensor(crop, self.cfg.mean, self.cfg.std)], [], actual, label, failed
 
 
-def load_encoder(cfg: Config, device: torch.device) -> torch.nn.Module:
+def load_encoder(cfg: Config, device: torch.device, checkpoint: str | None = None) -> torch.nn.Module:
+    """Encoder of `checkpoint` (default linear.checkpoint; "" = untrained), frozen, in eval mode."""
     from wcl_fast.checkpoint import load_checkpoint
     from wcl_fast.export import encoder_state_dict
     from wcl_fast.model import build_encoder
 
     encoder = build_encoder(cfg.model.arch, cfg.model.stem)
-    if cfg.linear.checkpoint:
-        encoder.load_state_dict(encoder_state_dict(load_checkpoint(cfg.linear.checkpoint)["model"]))
+    checkpoint = cfg.linear.checkpoint if checkpoint is None else checkpoint
+    if checkpoint:
+        encoder.load_state_dict(encoder_state_dict(load_checkpoint(checkpoint)["model"]))
     for param in encoder.parameters():
         param.requires_grad_(False)
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
