@@ -162,10 +162,12 @@ def wcl_loss_terms(
     nce_rows = [contrastive_rows(torch.cat([z1, z2]), keys1, _one_hot_columns(other, 2 * n),
                                  _one_hot_columns(own, 2 * n), tau)]  # [2b]
 
+    has_local = z_local is not None and z_local.shape[0] > 0
+    if has_local:  # head 1 of local crops is the same under both rules
+        nce_rows.append(_local_nce_rows(z_local, keys1, rows, n, tau))
+
     if rule == "knn":
         graph_rows = _knn_graph_rows(u1, u2, u1_all, u2_all, u_local, rows, image_labels, tau)
-        if z_local is not None and z_local.shape[0] > 0:
-            nce_rows.append(_local_nce_rows(z_local, keys1, rows, n, tau))
         return WCLTerms(torch.cat(nce_rows).mean(), torch.cat(graph_rows).mean())
 
     # Head 2, global anchors: view v against U_v without itself, positives from the other view's labels.
@@ -175,9 +177,8 @@ def wcl_loss_terms(
     graph_rows = [contrastive_rows(u1, u1_all, same2, self_mask, tau),
                   contrastive_rows(u2, u2_all, same1, self_mask, tau)]  # 2 x [b]
 
-    if z_local is not None and z_local.shape[0] > 0:
+    if has_local:
         local_rows = rows.repeat(z_local.shape[0] // b)  # [L*b] global sample index of each local crop
-        nce_rows.append(_local_nce_rows(z_local, keys1, rows, n, tau))
         # inherit: labels of the image's global crops; the image's own column is a positive.
         pos_u1 = y2[local_rows, None] == y2[None, :]  # [L*b, N]
         pos_u2 = y1[local_rows, None] == y1[None, :]
