@@ -6,7 +6,7 @@ import torch
 from pipelines.batch import MultiCropBatch
 from wcl_fast.config import Config, ConfigError
 
-__all__ = ["MultiCropBatch", "build_loader"]
+__all__ = ["MultiCropBatch", "build_loader", "build_train_eval_loader"]
 
 
 def build_loader(cfg: Config, split: str, rank: int, world: int):
@@ -25,3 +25,26 @@ def build_loader(cfg: Config, split: str, rank: int, world: int):
 
         return build_synthetic_loader(cfg.data, cfg.train.seed, rank, world)
     raise ConfigError(f"data.backend: {cfg.data.backend!r} is not available; use reference or synthetic")
+
+
+def build_train_eval_loader(cfg: Config, batch_size: int, rank: int, world: int):
+    """The training samples under the evaluation transform, this rank's contiguous unpadded shard in
+    sample-id order (batch.index): used to embed the whole training set (Cl-InfoNCE K-means).
+    Returns (loader, number of samples)."""
+    pin = torch.cuda.is_available()
+    if cfg.data.backend == "reference":
+        from pipelines.reference import build_eval_loader
+
+        loader, count, _ = build_eval_loader(cfg.data, cfg.data.train_dir, "data.train_dir", batch_size, rank, world, pin)
+        return loader, count
+    if cfg.data.backend == "synthetic":
+        from torch.utils.data import DataLoader, Subset
+
+        from pipelines.reference import collate_eval, shard_range
+        from pipelines.synthetic import SyntheticEvalDataset
+
+        dataset = SyntheticEvalDataset(cfg.data, cfg.train.seed)
+        shard = Subset(dataset, list(shard_range(len(dataset), rank, world)))
+        return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=cfg.data.workers,
+                          collate_fn=collate_eval), len(dataset)
+    raise ConfigError(f"data.backend: {cfg.data.backend!r} has no evaluation view of the training set")

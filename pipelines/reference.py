@@ -266,6 +266,11 @@ class MultiCropLoader:
     def __len__(self) -> int:
         return self.sampler.steps_per_epoch
 
+    @property
+    def num_samples(self) -> int:
+        """Dataset size (sample ids are 0 .. num_samples - 1)."""
+        return self.sampler.num_samples
+
     def epoch(self, epoch: int, start_step: int = 0):
         self.sampler.set_epoch(epoch, start_step)
         return iter(self.loader)

@@ -55,3 +55,17 @@ def build_synthetic_loader(cfg: DataConfig, seed: int, rank: int, world: int) ->
     dataset = SyntheticMultiCropDataset(cfg, seed)
     sampler = StepSampler(len(dataset), cfg.batch_size, rank, world, seed)
     return MultiCropLoader(dataset, sampler, cfg.workers, pin_memory=False, collate=collate_multicrop)
+
+
+class SyntheticEvalDataset(Dataset):
+    """The un-augmented image of each synthetic sample (the evaluation view), in index order."""
+
+    def __init__(self, cfg: DataConfig, seed: int):
+        self.source = SyntheticMultiCropDataset(cfg, seed)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        cfg = self.source.cfg
+        return [self.source.image(index, cfg.global_size)], [], index, index % cfg.synthetic_classes, 0

@@ -135,9 +135,9 @@ def test_training_step_has_no_host_sync_on_cuda(rule):
 
 def _inject_nan(monkeypatch, bad_steps):
     """Make the loss NaN (so every gradient is NaN) at the given 0-based global steps."""
-    import wcl_fast.train as train_module
+    import wcl_fast.objectives.runner as runner
 
-    real = train_module.compute_loss
+    real = runner.compute_loss
     calls = {"n": 0}
 
     def patched(*args, **kwargs):
@@ -148,7 +148,7 @@ def _inject_nan(monkeypatch, bad_steps):
             return type(terms)(terms.nce * float("nan"), terms.graph)
         return terms
 
-    monkeypatch.setattr(train_module, "compute_loss", patched)
+    monkeypatch.setattr(runner, "compute_loss", patched)
 
 
 def test_nan_step_is_skipped_and_counted(tmp_path, monkeypatch):

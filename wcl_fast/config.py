@@ -58,8 +58,51 @@ class ModelConfig:
 
 
 @dataclass
+class ClInfoNCEConfig:
+    """Cl-InfoNCE (Tsai et al., ICLR 2022; spec objectives.md): SupCon with cluster ids as labels."""
+
+    form: Literal["single", "dual"] = "single"  # single: SupCon on head 1; dual: WCL head 1 + cluster mask on head 2
+    clusters_csv: str = ""  # CSV with a header; "" = K-means on the current head-1 embeddings
+    cluster_column: str = "cluster"  # column holding the auxiliary attribute (any value; equal = same cluster)
+    key_column: str = ""  # "" = 'index' if the CSV has it, else 'path' (relative to data.train_dir or absolute)
+    kmeans_k: int = 2500  # ImageNet-100 setting
+    kmeans_every: int = 1  # recompute the clusters every this many epochs (at the epoch's start)
+    kmeans_iters: int = 20
+    base_tau: float = 0.07  # the loss is scaled by tau / base_tau as in the reference code (SupCon)
+
+
+@dataclass
+class MomentumConfig:
+    """EMA key encoder and key queue (MoCo, He et al. 2020) used by co2.form=queue and by SLR."""
+
+    ema: float = 0.99  # key = ema * key + (1 - ema) * online, after every step
+    queue_size: int = 65536
+    symmetric: bool = True  # both views act as queries (False: view 1 queries, view 2 keys, as MoCo v2)
+
+
+@dataclass
+class CO2Config:
+    """CO2 consistency regulariser (Wei et al., ICLR 2021; spec objectives.md)."""
+
+    form: Literal["batch", "queue"] = "batch"  # batch: negatives from the gathered batch; queue: EMA keys + queue
+    alpha: float = 10.0
+    tau_con: float = 0.04
+
+
+@dataclass
+class SLRConfig:
+    """SLR / SANE self-labelling refinery + momentum mixup (Zhou et al., NeurIPS 2021; spec objectives.md)."""
+
+    tau_prime: float = 1.0  # refinery temperature factor: targets use tau * tau_prime
+    kappa: float = 0.1  # mixup theta ~ Beta(kappa, kappa)
+    mu_start: float = 0.5  # mu ramps (cosine) from mu_start to mu_end over training
+    mu_end: float = 10.0
+    lam: float = 0.5  # L = (1 - lam) L_c(onehot) + lam L_c(mixed)
+
+
+@dataclass
 class LossConfig:
-    objective: Literal["wcl"] = "wcl"
+    objective: Literal["wcl", "simclr", "clinfonce", "co2", "slr"] = "wcl"
     tau: float = 0.1
     graph_weight: float = 1.0
     # detached: other ranks' rows carry no gradient (reference semantics);
@@ -68,6 +111,10 @@ class LossConfig:
     # inherit: local crops take the global crops' labels; knn: one image graph over all crops
     # (spec wcl.md section 3). Used only when data.local_crops > 0.
     multicrop_rule: Literal["inherit", "knn"] = "inherit"
+    clinfonce: ClInfoNCEConfig = field(default_factory=ClInfoNCEConfig)
+    co2: CO2Config = field(default_factory=CO2Config)
+    momentum: MomentumConfig = field(default_factory=MomentumConfig)
+    slr: SLRConfig = field(default_factory=SLRConfig)
 
 
 @dataclass
@@ -285,6 +332,22 @@ def _check_values(cfg: Config) -> None:
     for key in ("mean", "std"):
         if len(getattr(cfg.data, key)) != 3:
             raise ConfigError(f"config key 'data.{key}' must list 3 numbers (R, G, B)")
+    for key, value in {"loss.clinfonce.kmeans_k": cfg.loss.clinfonce.kmeans_k,
+                       "loss.clinfonce.kmeans_every": cfg.loss.clinfonce.kmeans_every,
+                       "loss.clinfonce.kmeans_iters": cfg.loss.clinfonce.kmeans_iters,
+                       "loss.clinfonce.base_tau": cfg.loss.clinfonce.base_tau, "loss.co2.tau_con": cfg.loss.co2.tau_con,
+                       "loss.momentum.queue_size": cfg.loss.momentum.queue_size,
+                       "loss.slr.tau_prime": cfg.loss.slr.tau_prime, "loss.slr.kappa": cfg.loss.slr.kappa}.items():
+        if value <= 0:
+            raise ConfigError(f"config key '{key}' must be > 0, got {value}")
+    for key, value in {"loss.momentum.ema": cfg.loss.momentum.ema, "loss.slr.lam": cfg.loss.slr.lam}.items():
+        if not 0 <= value <= 1:
+            raise ConfigError(f"config key '{key}' must be in [0, 1], got {value}")
+    if cfg.loss.co2.alpha < 0 or cfg.loss.slr.mu_start < 0 or cfg.loss.slr.mu_end < 0:
+        raise ConfigError("config keys 'loss.co2.alpha', 'loss.slr.mu_start', 'loss.slr.mu_end' must be >= 0")
+    if cfg.loss.objective != "wcl" and cfg.loss.multicrop_rule == "knn":
+        raise ConfigError(f"loss.multicrop_rule=knn is a WCL rule; loss.objective={cfg.loss.objective} "
+                          f"uses local crops as extra anchors only; set loss.multicrop_rule=inherit")
     if cfg.optim.warmup_epochs > cfg.train.epochs:
         raise ConfigError(f"optim.warmup_epochs ({cfg.optim.warmup_epochs}) exceeds train.epochs ({cfg.train.epochs})")
 

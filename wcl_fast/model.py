@@ -53,43 +53,56 @@ def build_encoder(arch: str, stem: str = "imagenet") -> nn.Module:
 class WCLModel(nn.Module):
     """Encoder F + head1 (g) + head2 (phi); forward maps crops to normalised z = g(h), u = phi(h)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, two_heads: bool = True):
         super().__init__()
         self.cfg = cfg
         self.net = build_encoder(cfg.arch, cfg.stem)
         dim = FEATURE_DIMS[cfg.arch]
         self.head1 = ProjectionHead(dim, cfg.head_hidden, cfg.head_out)
-        self.head2 = ProjectionHead(dim, cfg.head_hidden, cfg.head_out)
+        # objectives without a second head (SimCLR, CO2, SLR, single-head Cl-InfoNCE) build none, so
+        # that DDP never waits for gradients of unused parameters
+        self.head2 = ProjectionHead(dim, cfg.head_hidden, cfg.head_out) if two_heads else None
 
-    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One forward pass (one set of BN statistics): images [B,3,H,W] -> z [B,d], u [B,d], L2-normalised."""
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One forward pass (one set of BN statistics): images [B,3,H,W] -> z [B,d], u [B,d] (None
+        without head 2), L2-normalised."""
         h = self.net(images)  # [B, 2048]
         z = F.normalize(self.head1(h).float(), dim=1)  # [B, d_out]
-        u = F.normalize(self.head2(h).float(), dim=1)  # [B, d_out]
+        u = F.normalize(self.head2(h).float(), dim=1) if self.head2 is not None else None  # [B, d_out]
         return z, u
 
-    def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None = None):
+    def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None = None,
+                extra: torch.Tensor | None = None):
         """global_crops [2B,3,H,W] (view-major), local_crops [L*B,3,h,w] (crop-major) or None.
 
         Returns z_global, u_global [2B, d] and z_local, u_local [L*B, d] (or None). One forward per
         resolution, or per view when cfg.forward == 'per_view' (the reference's BN statistics).
         All crops go through this single call so that DDP sees one forward per step.
+        extra [E,3,H,W] (e.g. SLR's mixed queries): embedded in its own pass of the same call; the
+        head-1 embeddings [E, d] are appended as a fifth output.
         """
+        outputs = self._crops(global_crops, local_crops)
+        if extra is None:
+            return outputs
+        return outputs + (self.embed(extra)[0],)
+
+    def _cat(self, chunks):
+        return (torch.cat([c[0] for c in chunks]),
+                torch.cat([c[1] for c in chunks]) if self.head2 is not None else None)
+
+    def _crops(self, global_crops, local_crops):
         if self.cfg.forward == "per_view":
-            chunks = [self.embed(view) for view in global_crops.chunk(2)]
-            z_global = torch.cat([c[0] for c in chunks])
-            u_global = torch.cat([c[1] for c in chunks])
+            z_global, u_global = self._cat([self.embed(view) for view in global_crops.chunk(2)])
         else:
             z_global, u_global = self.embed(global_crops)
         if local_crops is None or local_crops.shape[0] == 0:
             return z_global, u_global, None, None
         if self.cfg.forward == "per_view":
             batch = global_crops.shape[0] // 2
-            chunks = [self.embed(view) for view in local_crops.split(batch)]
-            return z_global, u_global, torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+            return (z_global, u_global) + self._cat([self.embed(view) for view in local_crops.split(batch)])
         z_local, u_local = self.embed(local_crops)
         return z_global, u_global, z_local, u_local
 
 
-def build_model(cfg: ModelConfig) -> WCLModel:
-    return WCLModel(cfg)
+def build_model(cfg: ModelConfig, two_heads: bool = True) -> WCLModel:
+    return WCLModel(cfg, two_heads)

@@ -1,7 +1,7 @@
 """WCL pre-training: `torchrun --nproc_per_node N -m wcl_fast.train --config configs/X.yaml [key=value ...]`.
 
 One loop, top to bottom: config -> process group -> model (channels-last, SyncBN on CUDA, DDP) ->
-LARS -> loader -> resume -> epochs of steps (autocast, WCL loss, backward, LARS step) -> per-epoch
+LARS -> loader -> resume -> epochs of steps (autocast, objective loss, backward, LARS step) -> per-epoch
 atomic checkpoints -> kNN monitor. The step never synchronises with the host: loss values are
 accumulated on the device and read (`# sync point`) only every `train.log_interval` steps.
 """
@@ -22,7 +22,8 @@ from wcl_fast.checkpoint import atomic_save, load_checkpoint, rng_state, set_rng
 from wcl_fast.config import Config, ConfigError, check_paths, load_config, to_dict, to_yaml
 from wcl_fast.log import RunLogger
 from wcl_fast.model import build_model
-from wcl_fast.objectives.wcl import knn_batch_labels, wcl_loss_terms, weak_labels_sharded
+from wcl_fast.objectives import runner as objectives
+from wcl_fast.objectives.runner import KNN_LABEL_BLOCKS, compute_loss  # noqa: F401 (re-exported)
 from wcl_fast.optim import base_learning_rate, build_optimizer, learning_rate
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -73,33 +74,6 @@ def resolve_resume(cfg: Config) -> Path | None:
     return path
 
 
-KNN_LABEL_BLOCKS = 2  # sync-free image-graph labelling: 2 blocks of ceil(log2 N) + 1 hook/compress rounds
-
-
-def compute_loss(cfg: Config, z_global, u_global, z_local, u_local, rank: int, flags: dict | None = None):
-    """Gather the keys across ranks and evaluate the WCL terms for this rank's anchors.
-
-    flags: optional dict; in knn mode its 'unconverged' entry (device tensor) counts labellings that
-    did not converge within KNN_LABEL_BLOCKS (read at log intervals only).
-    """
-    differentiable = cfg.loss.gather == "differentiable"
-    z1, z2 = z_global.chunk(2)  # [b, D] each
-    u1, u2 = u_global.chunk(2)
-    gathered = [wdist.gather_rows(t, differentiable) for t in (z1, z2, u1, u2)]  # [N, D] each
-    offset = rank * z1.shape[0]
-    labels = None
-    if cfg.loss.multicrop_rule == "knn" and z_local is not None:
-        image_labels, converged = knn_batch_labels(u1, u2, u_local, fixed_blocks=KNN_LABEL_BLOCKS)
-        if flags is not None:
-            flags["unconverged"] = flags.get("unconverged", 0) + (~converged).to(torch.float32)
-        return wcl_loss_terms(z1, z2, u1, u2, *gathered, offset=offset, tau=cfg.loss.tau, z_local=z_local,
-                              u_local=u_local, rule="knn", image_labels=image_labels)
-    if wdist.world_size() > 1:  # each rank searches its own rows; every rank gets the same labels
-        labels = (weak_labels_sharded(u1, gathered[2], offset), weak_labels_sharded(u2, gathered[3], offset))
-    return wcl_loss_terms(z1, z2, u1, u2, *gathered, offset=offset, tau=cfg.loss.tau,
-                          z_local=z_local, u_local=u_local, labels=labels)
-
-
 def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
     """Run (or resume) a training job; returns a summary dict (final losses, throughput, kNN)."""
     ctx = ctx or wdist.init_distributed()
@@ -129,7 +103,7 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
     base_lr = base_learning_rate(cfg.optim, cfg.data.batch_size)
 
     memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, two_heads=objectives.two_heads(cfg))
     guard = cfg.train.max_bad_steps > 0
     optimizer = build_optimizer(model, cfg.optim, skip_nonfinite=guard)
     dtype = autocast_dtype(cfg.train.precision)
@@ -141,6 +115,10 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
+        if state.get("config", {}).get("loss", {}).get("objective", "wcl") != cfg.loss.objective:
+            raise ConfigError(f"train.resume: checkpoint '{resume_path}' was written by loss.objective="
+                              f"{state['config']['loss']['objective']}, this run uses {cfg.loss.objective}; "
+                              f"resume with the same objective or use a new train.out_dir")
         start_epoch, start_step, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         if state.get("steps_per_epoch") not in (None, steps_per_epoch):
             raise ConfigError(f"train.resume: checkpoint '{resume_path}' has {state['steps_per_epoch']} steps per "
@@ -158,11 +136,17 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
         ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
 
+    objective = objectives.build_objective(cfg, model, ctx, loader.num_samples)
+    if resume_path is not None:
+        objective.load_state_dict(state.get("objective", {}))
+    names = objective.term_names  # logged terms, 'loss' first
+    autocast = objectives.autocast_factory(device, dtype)
+
     stop = StopRequest()
     stop.install()
-    accum = torch.zeros(4, device=device)  # loss, nce, graph, steps since last log (device side)
+    accum = torch.zeros(len(names) + 1, device=device)  # sums of the terms, finite steps since last log (device side)
     bad_steps = torch.zeros(2, device=device)  # skipped non-finite steps: total, current run in a row
-    flags: dict = {}  # device-side counters of the objective (knn: unconverged labellings)
+    flags = objective.flags  # device-side counters of the objective (knn: unconverged labellings)
     failed_images = 0
     summary: dict = {"steps_per_epoch": steps_per_epoch}
     samples_per_step = cfg.data.batch_size
@@ -172,6 +156,7 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
             atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
                          "global_step": global_step, "steps_per_epoch": steps_per_epoch, "rng": rng_state(),
+                         "objective": objective.state_dict(),
                          "config": to_dict(cfg), "world_size": ctx.world_size}, out_dir / CHECKPOINT_NAME)
         wdist.barrier()
 
@@ -186,6 +171,7 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
         for epoch in range(start_epoch, cfg.train.epochs):
             if stopped:
                 break
+            objective.on_epoch_start(epoch, start_step)
             batches = loader.epoch(epoch, start_step)
             bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch}", disable=not (main and cfg.train.progress),
                        dynamic_ncols=True, leave=False)
@@ -200,20 +186,19 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
 
-                with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    z_global, u_global, z_local, u_local = ddp(batch.globals, batch.locals)
-                terms = compute_loss(cfg, z_global, u_global, z_local, u_local, ctx.rank, flags)
-                loss = terms.nce + cfg.loss.graph_weight * terms.graph
+                terms = objective.losses(ddp, batch, global_step, total_steps, autocast)
+                loss = terms["loss"]
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
+                objective.after_step()
 
                 if guard and optimizer.last_step_ok is not None:
                     bad = (~optimizer.last_step_ok).to(torch.float32)
                     bad_steps = torch.stack([bad_steps[0] + bad, (bad_steps[1] + bad) * bad])
                 # logged means cover finite steps only; an interval with none logs NaN
-                step_values = torch.stack([loss.detach(), terms.nce.detach(), terms.graph.detach()])  # [3]
+                step_values = torch.stack([terms[name].detach().float() for name in names])  # [T]
                 finite = torch.isfinite(step_values[0])
                 accum += torch.cat([torch.where(finite, step_values, torch.zeros_like(step_values)),
                                     finite.to(torch.float32)[None]])
@@ -225,21 +210,23 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
                     values = wdist.all_reduce_mean(torch.cat([accum, torch.tensor([float(stop.requested)], device=device)]))
                     values = values.tolist()  # sync point
                     skipped_total, skipped_in_row = bad_steps.tolist()  # sync point (identical on all ranks: DDP grads)
-                    if values[3] == 0:  # every step of the interval was non-finite
-                        values[:3], values[3] = [float("nan")] * 3, 1.0
+                    count, stop_flag = values[len(names)], values[len(names) + 1]
+                    if count == 0:  # every step of the interval was non-finite
+                        values[:len(names)], count = [float("nan")] * len(names), 1.0
                     now = time.perf_counter()
                     elapsed = now - last_log_time
                     steps = global_step - last_log_step
-                    record = {"loss": values[0] / values[3], "nce": values[1] / values[3], "graph": values[2] / values[3],
-                              "lr": lr, "epoch": epoch, "samples_per_s": steps * samples_per_step / elapsed,
-                              "data_wait": data_wait / elapsed, "failed_images": failed_images,
-                              "skipped_steps": skipped_total}
+                    record = {name: values[i] / count for i, name in enumerate(names)}
+                    record.update({"lr": lr, "epoch": epoch, "samples_per_s": steps * samples_per_step / elapsed,
+                                   "data_wait": data_wait / elapsed, "failed_images": failed_images,
+                                   "skipped_steps": skipped_total})
                     logger.scalars(global_step, record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}",
                                     wait=f"{100 * record['data_wait']:.0f}%")
                     if not (main and cfg.train.progress):
+                        parts = ", ".join(f"{name} {record[name]:.4f}" for name in names[1:])
                         logger.info(f"epoch {epoch} step {step_in_epoch}/{steps_per_epoch} loss {record['loss']:.4f} "
-                                    f"(nce {record['nce']:.4f} graph {record['graph']:.4f}) lr {lr:.4f} "
+                                    f"{'(' + parts + ') ' if parts else ''}lr {lr:.4f} "
                                     f"{record['samples_per_s']:.1f} samples/s data-wait {100 * record['data_wait']:.1f}%")
                     if "unconverged" in flags:
                         record["knn_unconverged"] = float(flags["unconverged"])  # sync point
@@ -252,7 +239,7 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
                     summary.update(record)
                     accum.zero_()
                     last_log_time, data_wait, last_log_step = now, 0.0, global_step
-                    if values[4] > 0:
+                    if stop_flag > 0:
                         logger.info("stop requested: writing a checkpoint and exiting")
                         stopped = True
                     if guard and skipped_in_row >= cfg.train.max_bad_steps:

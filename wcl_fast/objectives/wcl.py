@@ -155,20 +155,11 @@ def wcl_loss_terms(
     if rule == "inherit":
         y1, y2 = labels if labels is not None else (weak_labels(u1_all), weak_labels(u2_all))
 
-    # Head 1: anchors [z1; z2] against keys [Z1; Z2] (2N columns), own column removed.
-    keys1 = torch.cat([z1_all, z2_all])  # [2N, D]
-    own = torch.cat([rows, rows + n])  # [2b]
-    other = torch.cat([rows + n, rows])  # [2b]
-    nce_rows = [contrastive_rows(torch.cat([z1, z2]), keys1, _one_hot_columns(other, 2 * n),
-                                 _one_hot_columns(own, 2 * n), tau)]  # [2b]
-
+    nce = nce_rows(z1, z2, z1_all, z2_all, offset, tau, z_local).mean()  # the same under both rules
     has_local = z_local is not None and z_local.shape[0] > 0
-    if has_local:  # head 1 of local crops is the same under both rules
-        nce_rows.append(_local_nce_rows(z_local, keys1, rows, n, tau))
-
     if rule == "knn":
         graph_rows = _knn_graph_rows(u1, u2, u1_all, u2_all, u_local, rows, image_labels, tau)
-        return WCLTerms(torch.cat(nce_rows).mean(), torch.cat(graph_rows).mean())
+        return WCLTerms(nce, torch.cat(graph_rows).mean())
 
     # Head 2, global anchors: view v against U_v without itself, positives from the other view's labels.
     self_mask = _one_hot_columns(rows, n)  # [b, N]
@@ -184,7 +175,27 @@ def wcl_loss_terms(
         pos_u2 = y1[local_rows, None] == y1[None, :]
         graph_rows.append(0.5 * (contrastive_rows(u_local, u1_all, pos_u1, None, tau)
                                  + contrastive_rows(u_local, u2_all, pos_u2, None, tau)))
-    return WCLTerms(torch.cat(nce_rows).mean(), torch.cat(graph_rows).mean())
+    return WCLTerms(nce, torch.cat(graph_rows).mean())
+
+
+def nce_rows(z1: torch.Tensor, z2: torch.Tensor, z1_all: torch.Tensor, z2_all: torch.Tensor, offset: int,
+             tau: float, z_local: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-anchor NT-Xent of head 1 (SimCLR eq. 1; WCL's first term), [2b (+ L*b)] fp32.
+
+    Anchors [z1; z2] against keys [Z1; Z2] (2N columns) with the own column removed and the other view
+    as the positive; local crops (crop-major [L*b, D]) take the image's two global crops as positives,
+    each cross-entropy with the other positive removed from its denominator, averaged (spec section 3).
+    """
+    b, n = z1.shape[0], z1_all.shape[0]
+    rows = torch.arange(b, device=z1.device) + offset
+    keys1 = torch.cat([z1_all, z2_all])  # [2N, D]
+    own = torch.cat([rows, rows + n])  # [2b]
+    other = torch.cat([rows + n, rows])  # [2b]
+    out = [contrastive_rows(torch.cat([z1, z2]), keys1, _one_hot_columns(other, 2 * n),
+                            _one_hot_columns(own, 2 * n), tau)]  # [2b]
+    if z_local is not None and z_local.shape[0] > 0:
+        out.append(_local_nce_rows(z_local, keys1, rows, n, tau))
+    return torch.cat(out)
 
 
 def _local_nce_rows(z_local, keys1, rows, n, tau):

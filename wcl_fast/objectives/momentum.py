@@ -1,0 +1,77 @@
+"""EMA key encoder and key queue (MoCo, He et al., CVPR 2020): the state of the CO2 `queue` form
+and of SLR. Both are part of the checkpoint, so a resumed run continues bit-exactly."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+
+class KeyQueue:
+    """FIFO of the last `size` keys [size, D] (fp32), initialised with random unit vectors."""
+
+    def __init__(self, size: int, dim: int, device: torch.device, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        self.keys = F.normalize(torch.randn(size, dim, generator=generator), dim=1).to(device)
+        self.ptr = 0  # host integer: advancing it never synchronises with the device
+
+    @torch.no_grad()
+    def push(self, keys: torch.Tensor) -> None:
+        size, count = self.keys.shape[0], keys.shape[0]
+        if count >= size:
+            keys, count = keys[-size:], size
+        index = (torch.arange(count, device=self.keys.device) + self.ptr) % size
+        self.keys[index] = keys.detach().float()
+        self.ptr = (self.ptr + count) % size
+
+    def state_dict(self) -> dict:
+        return {"keys": self.keys, "ptr": self.ptr}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["keys"].shape != self.keys.shape:
+            raise ValueError(f"checkpoint queue has shape {tuple(state['keys'].shape)}, this run {tuple(self.keys.shape)}; "
+                             f"resume with the same loss.momentum.queue_size and model.head_out")
+        self.keys.copy_(state["keys"])
+        self.ptr = int(state["ptr"])
+
+
+class EMAEncoder:
+    """Key network: a copy of the online model (encoder + head 1, no head 2) updated after every step
+    by key = ema * key + (1 - ema) * online. Runs in training mode (its BN uses batch statistics, as
+    MoCo's key encoder), never receives gradients."""
+
+    def __init__(self, online: torch.nn.Module, ema: float):
+        head2 = getattr(online, "head2", None)
+        online.head2 = None  # copy without head 2
+        try:
+            self.model = copy.deepcopy(online)
+        finally:
+            online.head2 = head2
+        self.model.requires_grad_(False)
+        self.model.train()
+        self.ema = ema
+        self._pairs = None
+
+    def _params(self, online: torch.nn.Module):
+        if self._pairs is None:
+            mine = dict(self.model.named_parameters())
+            names = [name for name, _ in online.named_parameters() if name in mine]
+            self._pairs = ([mine[n] for n in names], names)
+        return self._pairs
+
+    @torch.no_grad()
+    def update(self, online: torch.nn.Module) -> None:
+        keys, names = self._params(online)
+        source = dict(online.named_parameters())
+        torch._foreach_lerp_(keys, [source[n].detach() for n in names], 1.0 - self.ema)
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(images)[0]
+
+    def state_dict(self) -> dict:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state)

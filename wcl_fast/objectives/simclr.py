@@ -1,0 +1,21 @@
+"""SimCLR (Chen et al., ICML 2020, arXiv 2002.05709): NT-Xent on head 1 alone, the baseline WCL
+improves on (spec objectives.md). Eq. 1 of SimCLR:
+    l_i = -log( exp(s_ip / tau) / sum_{a != i} exp(s_ia / tau) ),  p = the other view of image i,
+averaged over all 2N view embeddings; local crops (multi-crop) take the image's two global crops
+as positives exactly as in WCL's head 1 (spec wcl.md section 3).
+"""
+from __future__ import annotations
+
+import torch
+
+from wcl_fast.objectives.wcl import nce_rows
+
+
+def simclr_loss(z1: torch.Tensor, z2: torch.Tensor, z1_all: torch.Tensor | None = None,
+                z2_all: torch.Tensor | None = None, offset: int = 0, tau: float = 0.1,
+                z_local: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean NT-Xent over this rank's anchors. z1, z2 [b, D] (this rank's rows offset..offset+b);
+    z1_all, z2_all [N, D] the gathered keys (default: z1, z2 on one process); z_local [L*b, D]."""
+    z1_all = z1 if z1_all is None else z1_all
+    z2_all = z2 if z2_all is None else z2_all
+    return nce_rows(z1, z2, z1_all, z2_all, offset, tau, z_local).mean()
