@@ -111,14 +111,14 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
     start_epoch, start_step, global_step = 0, 0, 0
     if resume_path is not None:
         state = load_checkpoint(resume_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
         if state.get("config", {}).get("loss", {}).get("objective", "wcl") != cfg.loss.objective:
             raise ConfigError(f"train.resume: checkpoint '{resume_path}' was written by loss.objective="
                               f"{state['config']['loss']['objective']}, this run uses {cfg.loss.objective}; "
                               f"resume with the same objective or use a new train.out_dir")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
         start_epoch, start_step, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         if state.get("steps_per_epoch") not in (None, steps_per_epoch):
             raise ConfigError(f"train.resume: checkpoint '{resume_path}' has {state['steps_per_epoch']} steps per "

@@ -223,8 +223,19 @@ class CO2Objective(MomentumObjective):
     def __init__(self, cfg, model, ctx, num_samples):
         if cfg.loss.co2.form == "queue":
             super().__init__(cfg, model, ctx, num_samples)
-        else:
+        else:  # batch form: no key encoder, no queue
             Objective.__init__(self, cfg, model, ctx, num_samples)
+
+    def after_step(self):
+        if self.cfg.loss.co2.form == "queue":
+            super().after_step()
+
+    def state_dict(self):
+        return super().state_dict() if self.cfg.loss.co2.form == "queue" else {}
+
+    def load_state_dict(self, state):
+        if self.cfg.loss.co2.form == "queue":
+            super().load_state_dict(state)
 
     def losses(self, ddp, batch, step, total_steps, autocast):
         cfg = self.cfg
