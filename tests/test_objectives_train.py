@@ -106,3 +106,34 @@ def test_clinfonce_csv_clusters_through_the_trainer(tmp_path):
 def test_knn_rule_is_refused_for_other_objectives():
     with pytest.raises(ConfigError, match="multicrop_rule"):
         load_config(SMOKE, ["loss.objective=slr", "loss.multicrop_rule=knn"])
+
+
+def test_compare_prints_table_json_and_chart(tmp_path):
+    """wcl_fast.compare on a tiny real image folder: one row per objective plus the untrained floor."""
+    import numpy as np
+    from PIL import Image
+
+    from wcl_fast.compare import main
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 12), ("val", 5)):
+        for label, colour in enumerate([(220, 30, 30), (30, 200, 40)]):
+            folder = tmp_path / "data" / split / f"c{label}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(np.array(colour) + rng.normal(0, 25, (24, 24, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.jpg")
+    out = tmp_path / "out"
+    code = main(["--config", str(ROOT / "configs" / "cpu_compare.yaml"), "--objectives", "simclr,co2,slr",
+                 "--out", str(out), f"data.train_dir={tmp_path / 'data' / 'train'}",
+                 f"data.val_dir={tmp_path / 'data' / 'val'}", "data.batch_size=8", "data.workers=0",
+                 "train.epochs=1", "model.head_hidden=32", "model.head_out=16", "loss.momentum.queue_size=16",
+                 "knn.k=5", "knn.batch_size=8", "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]"])
+    assert code == 0
+    result = json.loads((out / "compare.json").read_text())
+    assert [r["objective"] for r in result["rows"]] == ["untrained", "simclr", "co2", "slr"]
+    assert result["knn"]["count"] == 10
+    for row in result["rows"]:
+        assert 0 <= row["knn_top1"] <= 100 and row["knn_top1"] * 10 / 100 == pytest.approx(round(row["knn_top1"] / 10))
+    assert (out / "compare.png").stat().st_size > 1000
+    assert main(["--objectives", "moco"]) == 2

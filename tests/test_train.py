@@ -67,12 +67,17 @@ def test_mixed_precision_steps_are_finite(tmp_path, precision, rule):
     assert summary["global_step"] == 4 and all(torch.isfinite(torch.tensor(l)) for l in _losses(tmp_path).values()), _log(tmp_path)
 
 
-def test_two_process_torchrun_keeps_replicas_identical(tmp_path):
+@pytest.mark.parametrize("objective", [
+    [],
+    ["loss.objective=slr", "loss.momentum.queue_size=96"],  # EMA keys, queue, mixed queries in the DDP call
+    ["loss.objective=clinfonce", "loss.clinfonce.kmeans_k=5"],  # K-means over both ranks' shards, broadcast
+], ids=["wcl", "slr", "clinfonce"])
+def test_two_process_torchrun_keeps_replicas_identical(tmp_path, objective):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "wcl_fast.train", "--config", str(SMOKE), f"train.out_dir={tmp_path}", "train.epochs=2",
-         "data.workers=1", "train.log_interval=1"],
+         "data.workers=1", "train.log_interval=1", *objective],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = _log(tmp_path)
