@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml requirements-cpu.txt
 	@# x86_64 + Python 3.11: the pinned torch build; elsewhere pip resolves torch>=2.4 from pyproject.
 	@if [ "$$(uname -m)" = "x86_64" ] && $(PY) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then \
 		$(PY) -m pip install --quiet -r requirements-cpu.txt; fi
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,dali]'
 	touch $(STAMP)
 
 demo: $(STAMP)

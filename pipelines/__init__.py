@@ -24,7 +24,11 @@ def build_loader(cfg: Config, split: str, rank: int, world: int):
         from pipelines.synthetic import build_synthetic_loader
 
         return build_synthetic_loader(cfg.data, cfg.train.seed, rank, world)
-    raise ConfigError(f"data.backend: {cfg.data.backend!r} is not available; use reference or synthetic")
+    if cfg.data.backend == "dali":
+        from pipelines.dali import build_dali_loader
+
+        return build_dali_loader(cfg.data, cfg.train.seed, rank, world)
+    raise ConfigError(f"data.backend: {cfg.data.backend!r} is not available; use reference, synthetic or dali")
 
 
 def build_train_eval_loader(cfg: Config, batch_size: int, rank: int, world: int):
@@ -32,7 +36,7 @@ def build_train_eval_loader(cfg: Config, batch_size: int, rank: int, world: int)
     sample-id order (batch.index): used to embed the whole training set (Cl-InfoNCE K-means).
     Returns (loader, number of samples)."""
     pin = torch.cuda.is_available()
-    if cfg.data.backend == "reference":
+    if cfg.data.backend in ("reference", "dali"):  # evaluation transform: the reference loader
         from pipelines.reference import build_eval_loader
 
         loader, count, _ = build_eval_loader(cfg.data, cfg.data.train_dir, "data.train_dir", batch_size, rank, world, pin)

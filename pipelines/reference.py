@@ -93,36 +93,61 @@ def random_resized_crop_box(rng: np.random.Generator, width: int, height: int,
     return (height - h) // 2, (width - w) // 2, max(h, 1), max(w, 1)
 
 
-def color_jitter(img: Image.Image, rng: np.random.Generator, strength: tuple[float, float, float, float]) -> Image.Image:
-    """torchvision ColorJitter semantics: factors ~ U[max(0, 1-s), 1+s] (hue ~ U[-h, h]), random order."""
-    b, c, s, h = strength
-    factors = [rng.uniform(max(0.0, 1 - b), 1 + b), rng.uniform(max(0.0, 1 - c), 1 + c),
-               rng.uniform(max(0.0, 1 - s), 1 + s), rng.uniform(-h, h)]
-    for op in rng.permutation(4):
-        if op == 0:
-            img = TF.adjust_brightness(img, factors[0])
-        elif op == 1:
-            img = TF.adjust_contrast(img, factors[1])
-        elif op == 2:
-            img = TF.adjust_saturation(img, factors[2])
-        else:
-            img = TF.adjust_hue(img, factors[3])
-    return img
+@dataclass(frozen=True)
+class CropParams:
+    """Every random choice of one augmented crop (drawn by `draw_crop_params`, applied by `apply_crop`
+    here and by the DALI pipeline, so both backends make the same choices for the same sample)."""
+
+    box: tuple[int, int, int, int]  # top, left, h, w in pixels of the decoded image
+    jitter: tuple[float, float, float, float] | None  # brightness, contrast, saturation factors, hue shift
+    order: tuple[int, int, int, int]  # order of the 4 jitter operations (0 b, 1 c, 2 s, 3 h)
+    gray: bool
+    blur_sigma: float | None  # PIL GaussianBlur radius (= standard deviation) or None
+    flip: bool
+
+
+def draw_crop_params(rng: np.random.Generator, width: int, height: int, recipe: CropRecipe) -> CropParams:
+    """Draw one crop's choices in a fixed order: box, jitter coin (+ 4 factors ~ torchvision ColorJitter,
+    U[max(0, 1-s), 1+s] and hue U[-h, h], + a random order), grayscale coin, blur coin (+ sigma), flip coin."""
+    box = random_resized_crop_box(rng, width, height, recipe.scale, recipe.ratio)
+    jitter, order = None, (0, 1, 2, 3)
+    if rng.random() < recipe.jitter_p:
+        b, c, s, h = recipe.jitter
+        jitter = (rng.uniform(max(0.0, 1 - b), 1 + b), rng.uniform(max(0.0, 1 - c), 1 + c),
+                  rng.uniform(max(0.0, 1 - s), 1 + s), rng.uniform(-h, h))
+        order = tuple(int(op) for op in rng.permutation(4))
+    gray = rng.random() < recipe.gray_p
+    blur_sigma = rng.uniform(*recipe.blur_sigma) if rng.random() < recipe.blur_p else None
+    flip = rng.random() < recipe.flip_p
+    return CropParams(box, jitter, order, gray, blur_sigma, flip)
+
+
+def apply_crop(img: Image.Image, params: CropParams, size: int) -> Image.Image:
+    """RandomResizedCrop (bilinear) -> ColorJitter -> Grayscale -> GaussianBlur -> HorizontalFlip (PIL)."""
+    top, left, h, w = params.box
+    crop = img.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
+    if params.jitter is not None:
+        for op in params.order:
+            if op == 0:
+                crop = TF.adjust_brightness(crop, params.jitter[0])
+            elif op == 1:
+                crop = TF.adjust_contrast(crop, params.jitter[1])
+            elif op == 2:
+                crop = TF.adjust_saturation(crop, params.jitter[2])
+            else:
+                crop = TF.adjust_hue(crop, params.jitter[3])
+    if params.gray:
+        crop = TF.rgb_to_grayscale(crop, num_output_channels=3)
+    if params.blur_sigma is not None:
+        crop = crop.filter(ImageFilter.GaussianBlur(radius=params.blur_sigma))
+    if params.flip:
+        crop = TF.hflip(crop)
+    return crop
 
 
 def augment(img: Image.Image, recipe: CropRecipe, rng: np.random.Generator) -> Image.Image:
     """One augmented crop (PIL, RGB, recipe.size x recipe.size) of an RGB image."""
-    top, left, h, w = random_resized_crop_box(rng, img.width, img.height, recipe.scale, recipe.ratio)
-    crop = img.resize((recipe.size, recipe.size), Image.BILINEAR, box=(left, top, left + w, top + h))
-    if rng.random() < recipe.jitter_p:
-        crop = color_jitter(crop, rng, recipe.jitter)
-    if rng.random() < recipe.gray_p:
-        crop = TF.rgb_to_grayscale(crop, num_output_channels=3)
-    if rng.random() < recipe.blur_p:
-        crop = crop.filter(ImageFilter.GaussianBlur(radius=rng.uniform(*recipe.blur_sigma)))
-    if rng.random() < recipe.flip_p:
-        crop = TF.hflip(crop)
-    return crop
+    return apply_crop(img, draw_crop_params(rng, img.width, img.height, recipe), recipe.size)
 
 
 def to_normalized_tensor(img: Image.Image, mean, std) -> torch.Tensor:

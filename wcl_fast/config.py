@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    backend: Literal["reference", "synthetic"] = "reference"
+    backend: Literal["reference", "synthetic", "dali"] = "reference"  # dali: pipelines/dali.py (GPU decode when CUDA)
     train_dir: str = ""  # ImageFolder: one sub-folder per class
     val_dir: str = ""  # ImageFolder used as the kNN / evaluation test split
     batch_size: int = 4096  # global batch (all ranks together)

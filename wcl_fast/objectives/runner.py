@@ -114,7 +114,7 @@ class ClInfoNCEObjective(Objective):
         self.table: torch.Tensor | None = None
         if c.clusters_csv:
             paths = None
-            if cfg.data.backend == "reference":
+            if cfg.data.backend in ("reference", "dali"):
                 from pipelines.reference import scan_image_folder
 
                 paths = [p for p, _ in scan_image_folder(cfg.data.train_dir)[0]]

@@ -1,0 +1,270 @@
+"""DALI multi-crop loader (NVIDIA DALI, https://docs.nvidia.com/deeplearning/dali/): each image is decoded
+once (`device="mixed"`, nvJPEG, when a GPU is used; the CPU decoder with `device_id=None`) and all
+2 global + L local crops are cut from that decode and augmented inside the DALI graph (on the GPU
+when there is one): resize of the random crop box, ColorJitter (brightness, contrast, saturation,
+hue, in the drawn order), grayscale, Gaussian blur, flip, normalisation, channels-last output.
+
+Every random choice is drawn on the host by `pipelines.reference.draw_crop_params` from
+numpy.random.default_rng([seed, epoch, index]) -- the same choices the reference loader makes for the
+same sample -- and handed to the graph as per-sample arguments. So DALI and the reference loader cut
+the same boxes, a batch does not depend on threads, and a resumed run sees the same crops. Sample
+order is the trainer's StepSampler: one seeded global permutation per epoch (no shuffle buffer), cut
+into global batches, rank r taking rows [r*b, (r+1)*b) (drop_last: len // batch steps per epoch).
+
+Deviations from the PIL reference (numerics only): DALI's hue shift is a rotation in YIQ space (PIL
+rotates H in HSV); bilinear resize with antialiasing and the Gaussian window (2*ceil(3 sigma)+1)
+differ from PIL's kernels by rounding; EXIF orientation is ignored by both.
+
+Unreadable files (not an image, truncated JPEG without its end marker) are detected on the host before
+decoding, replaced by the next readable sample, counted in `batch.failed` and named in a warning.
+"""
+from __future__ import annotations
+
+import io
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipelines.batch import MultiCropBatch
+from pipelines.reference import (MAX_SUBSTITUTIONS, StepSampler, crop_recipes, draw_crop_params,
+                                 scan_image_folder)
+from wcl_fast.config import ConfigError, DataConfig
+
+# per-crop parameter vector fed to the graph
+P_ROI = slice(0, 4)  # y0, x0, y1, x1 relative to the decoded image
+P_JITTER = 4  # 1.0 when the jitter is applied
+P_FACTORS = slice(5, 9)  # brightness, contrast, saturation, hue (fraction of a full turn)
+P_ORDER = slice(9, 13)  # the 4 operation ids in application order
+P_GRAY, P_BLUR, P_SIGMA, P_FLIP = 13, 14, 15, 16
+NUM_PARAMS = 17
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL's "L" conversion
+
+
+def _import_dali():
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        raise ConfigError("data.backend=dali needs NVIDIA DALI: pip install nvidia-dali-cuda130 "
+                          "(or the wheel matching your CUDA); it also runs on the CPU") from None
+
+
+def read_checked(path: str) -> tuple[np.ndarray, int, int] | None:
+    """(encoded bytes, width, height) of a file that looks decodable, else None: the header must parse
+    and a JPEG must end with its EOI marker (a truncated JPEG decodes to garbage or fails in DALI)."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            kind = img.format
+        if kind == "JPEG" and b"\xff\xd9" not in data[-4096:]:
+            return None
+        if width < 1 or height < 1:
+            return None
+        return np.frombuffer(data, dtype=np.uint8), width, height
+    except Exception:
+        return None
+
+
+def crop_param_vector(params, width: int, height: int) -> np.ndarray:
+    top, left, h, w = params.box
+    out = np.zeros(NUM_PARAMS, dtype=np.float32)
+    out[P_ROI] = (top / height, left / width, (top + h) / height, (left + w) / width)
+    if params.jitter is not None:
+        out[P_JITTER] = 1.0
+        out[P_FACTORS] = params.jitter
+    else:
+        out[P_FACTORS] = (1.0, 1.0, 1.0, 0.0)
+    out[P_ORDER] = params.order
+    out[P_GRAY] = float(params.gray)
+    out[P_BLUR] = float(params.blur_sigma is not None)
+    out[P_SIGMA] = params.blur_sigma if params.blur_sigma is not None else 1.0
+    out[P_FLIP] = float(params.flip)
+    return out
+
+
+def build_pipeline(batch_size: int, num_crops: int, sizes: list[int], mean, std, num_threads: int,
+                   device_id: int | None, seed: int):
+    """The DALI graph: inputs 'jpegs' and 'params{c}' (one per crop), outputs one [B,H,W,3] float per crop."""
+    from nvidia.dali import fn, math as dmath, pipeline_def, types
+
+    gpu = device_id is not None
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+                  enable_conditionals=True, exec_async=False, exec_pipelined=False, prefetch_queue_depth=1)
+    def multicrop():
+        jpegs = fn.external_source(name="jpegs", dtype=types.UINT8, ndim=1)
+        images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                   adjust_orientation=False)
+        outputs = []
+        for c in range(num_crops):
+            p = fn.external_source(name=f"params{c}", dtype=types.FLOAT, ndim=1)
+            img = fn.resize(images, size=[sizes[c], sizes[c]], roi_start=p[0:2], roi_end=p[2:4], roi_relative=True,
+                            interp_type=types.INTERP_LINEAR, antialias=True, dtype=types.FLOAT)
+            img = _color_jitter(img, p, fn, dmath, types, gpu)
+            if p[P_GRAY] > 0.5:
+                img = fn.hsv(img, saturation=0.0, dtype=types.FLOAT)
+            if p[P_BLUR] > 0.5:
+                img = fn.gaussian_blur(img, sigma=p[P_SIGMA])
+            out = fn.crop_mirror_normalize(img, mirror=fn.cast(p[P_FLIP], dtype=types.INT32), dtype=types.FLOAT,
+                                           mean=[255.0 * m for m in mean], std=[255.0 * s for s in std],
+                                           output_layout="HWC")
+            outputs.append(out)
+        return tuple(outputs)
+
+    return multicrop()
+
+
+def _color_jitter(img, p, fn, dmath, types, gpu):
+    """torchvision ColorJitter on float [0, 255] HWC images, operations in the drawn order; each step
+    clamps to [0, 255] like PIL's uint8 enhancers (values are not rounded in between)."""
+    for slot in range(4):
+        op = p[P_ORDER.start + slot]
+        if p[P_JITTER] > 0.5:
+            if op < 0.5:  # brightness: blend with black
+                factor = p[P_FACTORS.start]
+                img = dmath.floor(dmath.clamp(img * (factor.gpu() if gpu else factor), 0.0, 255.0))
+            elif op < 1.5:  # contrast: blend with the mean luma of the image
+                factor = p[P_FACTORS.start + 1]
+                channel_mean = fn.reductions.mean(img, axes=[0, 1])  # [3]
+                luma = channel_mean[0] * LUMA[0] + channel_mean[1] * LUMA[1] + channel_mean[2] * LUMA[2]
+                factor = factor.gpu() if gpu else factor
+                img = dmath.floor(dmath.clamp(img * factor + luma * (1.0 - factor), 0.0, 255.0))
+            elif op < 2.5:  # saturation: blend with the luma image (= scaling chroma at fixed Y)
+                img = dmath.floor(dmath.clamp(fn.hsv(img, saturation=p[P_FACTORS.start + 2], dtype=types.FLOAT), 0.0, 255.0))
+            else:  # hue: shift of H in HSV space by hue * 360 degrees (as PIL / torchvision)
+                shift = p[P_FACTORS.start + 3]
+                img = _hsv_hue_shift(img, shift.gpu() if gpu else shift, fn, dmath)
+    return img
+
+
+def _hsv_hue_shift(img, shift, fn, dmath):
+    """Exact HSV hue rotation without branches. In sextant units h in [0, 6):
+    h = ((g - b) / C) mod 6 if r is the max, (b - r) / C + 2 if g, (r - g) / C + 4 if b (C = max - min);
+    h' = (h + 6 shift) mod 6; channel n (R: 5, G: 3, B: 1): V - C * clamp(min(k, 4 - k), 0, 1),
+    k = (n + h') mod 6. S and V are unchanged; grey pixels (C = 0) stay grey."""
+    r, g, b = img[:, :, 0], img[:, :, 1], img[:, :, 2]
+    top = dmath.max(dmath.max(r, g), b)
+    chroma = top - dmath.min(dmath.min(r, g), b)
+    safe = chroma + (chroma == 0.0)  # avoids 0 / 0; those pixels have chroma 0 and come out grey
+    is_r = r == top
+    is_g = (g == top) * (1.0 - is_r)
+    is_b = 1.0 - is_r - is_g
+    hue = is_r * ((g - b) / safe) + is_g * ((b - r) / safe + 2.0) + is_b * ((r - g) / safe + 4.0)
+    hue = hue + 6.0 * shift
+    hue = hue - 6.0 * dmath.floor(hue / 6.0)
+    channels = []
+    for n in (5.0, 3.0, 1.0):
+        k = n + hue
+        k = k - 6.0 * dmath.floor(k / 6.0)
+        channels.append(top - chroma * dmath.clamp(dmath.min(k, 4.0 - k), 0.0, 1.0))
+    return fn.reshape(fn.stack(*channels, axis=2), layout="HWC")
+
+
+class DaliMultiCropLoader:
+    """Same interface as pipelines.reference.MultiCropLoader: len() = steps per epoch,
+    .epoch(e, start_step) -> iterator of MultiCropBatch for this rank, .num_samples."""
+
+    def __init__(self, cfg: DataConfig, seed: int, rank: int, world: int, device_id: int | None = None):
+        _import_dali()
+        self.cfg, self.seed = cfg, seed
+        self.samples, _ = scan_image_folder(cfg.train_dir, "data.train_dir")
+        self.sampler = StepSampler(len(self.samples), cfg.batch_size, rank, world, seed)
+        self.local_batch = cfg.batch_size // world
+        self.num_crops = 2 + cfg.local_crops
+        sizes = [cfg.global_size] * 2 + [cfg.local_size] * cfg.local_crops
+        self.device_id = device_id
+        self.pipe = build_pipeline(self.local_batch, self.num_crops, sizes, cfg.mean, cfg.std,
+                                   max(1, cfg.workers), device_id, seed)
+        self.pipe.build()
+        self.pool = ThreadPoolExecutor(max(1, cfg.workers))  # file reads
+        self.prefetch = ThreadPoolExecutor(1)  # prepares the next batch (never waits on itself)
+        self.failed_total = 0
+        self._warned = 0
+
+    def __len__(self) -> int:
+        return self.sampler.steps_per_epoch
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.samples)
+
+    def _read(self, index: int):
+        """(bytes, width, height, actual index, label, substitutions) with unreadable files skipped."""
+        for attempt in range(MAX_SUBSTITUTIONS):
+            actual = (index + attempt) % len(self.samples)
+            path, label = self.samples[actual]
+            got = read_checked(path)
+            if got is not None:
+                return (*got, actual, label, attempt)
+            if self._warned < 20:
+                self._warned += 1
+                print(f"warning: skipped unreadable image '{path}' (not decodable or truncated); "
+                      f"using the next sample instead", file=sys.stderr)
+        raise RuntimeError(f"{MAX_SUBSTITUTIONS} consecutive unreadable images from sample {index} "
+                           f"('{self.samples[index][0]}'); check the dataset")
+
+    def _prepare(self, keys: list[tuple[int, int]]):
+        epoch = keys[0][0]
+        global_recipe, local_recipe = crop_recipes(self.cfg, epoch)
+        recipes = [global_recipe] * 2 + [local_recipe] * self.cfg.local_crops
+        reads = list(self.pool.map(self._read, [index for _, index in keys]))
+        jpegs, params = [], [[] for _ in range(self.num_crops)]
+        index, label, failed = [], [], 0
+        for (data, width, height, actual, lab, subs), (_, requested) in zip(reads, keys):
+            rng = np.random.default_rng([self.seed, epoch, requested])
+            jpegs.append(data)
+            for c, recipe in enumerate(recipes):
+                params[c].append(crop_param_vector(draw_crop_params(rng, width, height, recipe), width, height))
+            index.append(actual)
+            label.append(lab)
+            failed += subs
+        return jpegs, params, index, label, failed
+
+    def _run(self, prepared) -> MultiCropBatch:
+        jpegs, params, index, label, failed = prepared
+        self.pipe.feed_input("jpegs", jpegs)
+        for c in range(self.num_crops):
+            self.pipe.feed_input(f"params{c}", params[c])
+        try:
+            outputs = self.pipe.run()
+        except Exception as exc:
+            raise RuntimeError(f"DALI failed on a batch of {len(jpegs)} images (first sample index {index[0]}): "
+                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        crops = [_to_torch(out, self.device_id) for out in outputs]  # [b, H, W, 3] each
+        globals_ = torch.cat(crops[:2]).permute(0, 3, 1, 2)  # view-major, channels-last strides
+        locals_ = torch.cat(crops[2:]).permute(0, 3, 1, 2) if self.cfg.local_crops else None
+        self.failed_total += failed
+        return MultiCropBatch(globals_, locals_, torch.tensor(index, dtype=torch.int64),
+                              torch.tensor(label, dtype=torch.int64), failed)
+
+    def epoch(self, epoch: int, start_step: int = 0):
+        self.sampler.set_epoch(epoch, start_step)
+        steps = list(iter(self.sampler))
+        if not steps:
+            return
+        pending = self.prefetch.submit(self._prepare, steps[0])
+        for s in range(len(steps)):
+            prepared = pending.result()
+            if s + 1 < len(steps):  # read and draw the next batch while DALI works on this one
+                pending = self.prefetch.submit(self._prepare, steps[s + 1])
+            yield self._run(prepared)
+
+
+def _to_torch(tensor_list, device_id: int | None) -> torch.Tensor:
+    if device_id is None:
+        return torch.from_numpy(tensor_list.as_array())
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    dense = tensor_list.as_tensor()
+    out = torch.empty(dense.shape(), dtype=torch.float32, device=torch.device("cuda", device_id))
+    feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device_id))
+    return out
+
+
+def build_dali_loader(cfg: DataConfig, seed: int, rank: int, world: int) -> DaliMultiCropLoader:
+    device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
+    return DaliMultiCropLoader(cfg, seed, rank, world, device_id)
