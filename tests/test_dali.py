@@ -177,3 +177,15 @@ def test_gpu_decode_matches_the_cpu_pipeline(colour_folder):
     assert torch.equal(cpu.index, gpu.index)
     per_crop = (cpu.globals - gpu.globals.cpu()).abs().flatten(1).mean(1)
     assert per_crop.max() < 0.08  # nvJPEG vs libjpeg-turbo IDCT rounding, GPU kernels
+
+
+def test_loader_bench_prints_table_and_json(colour_folder, tmp_path, capsys):
+    from pipelines.bench import main
+
+    out = tmp_path / "bench.json"
+    assert main(["--data", str(colour_folder), "--batch", "10", "--batches", "2", "--workers", "1",
+                 "--global-size", "32", "--local-crops", "2", "--local-size", "16", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["backend"] for r in result["rows"]] == ["reference", "dali"]
+    assert all(r["samples_per_s"] > 0 for r in result["rows"]) and result["rows"][0]["vs_reference"] == 1.0
+    assert "vs reference" in capsys.readouterr().out

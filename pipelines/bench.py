@@ -1,0 +1,125 @@
+"""Loader benchmark: samples/s and per-crop cost of each backend for one crop recipe, side by side.
+
+    python -m pipelines.bench [--backend reference,dali] [--data DIR] [--batch 64] [--batches 6]
+                              [--workers 2] [--global-size 224 --local-crops 6 --local-size 96] [--json out.json]
+
+Without --data it writes 256 synthetic colour JPEGs of ImageNet's typical size (500 x 375) once to
+data/bench_jpeg. Every backend gets the same folder, batch, recipe and number of workers/threads;
+one warm-up batch is excluded. Prints a table and JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+BACKENDS = ("reference", "dali")
+
+
+def write_bench_images(root: Path, count: int = 256, size=(500, 375)) -> Path:
+    from PIL import Image
+
+    marker = root / "COMPLETE"
+    if marker.is_file():
+        return root
+    rng = np.random.default_rng(0)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    for i in range(count):
+        folder = root / f"class{i % 8}"
+        folder.mkdir(parents=True, exist_ok=True)
+        img = np.stack([(np.sin(xx / rng.uniform(5, 40) + rng.uniform(0, 6)) * 0.5 + 0.5) * 255,
+                        (np.cos(yy / rng.uniform(5, 40)) * 0.5 + 0.5) * 255,
+                        (xx + yy) / (h + w) * 255], -1) * rng.uniform(0.4, 1.0, 3)
+        img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"{i:04d}.jpg", quality=90)
+    marker.write_text(f"{count}\n")
+    return root
+
+
+def build(backend: str, cfg):
+    if backend == "reference":
+        from pipelines.reference import build_train_loader
+
+        return build_train_loader(cfg, 0, 0, 1, pin_memory=torch.cuda.is_available())
+    if backend == "dali":
+        from pipelines.dali import build_dali_loader
+
+        return build_dali_loader(cfg, 0, 0, 1)
+    raise SystemExit(f"error: --backend: unknown {backend!r}; choose from {', '.join(BACKENDS)}")
+
+
+def measure(backend: str, cfg, batches: int) -> dict:
+    start = time.perf_counter()
+    loader = build(backend, cfg)
+    build_s = time.perf_counter() - start
+    steps = len(loader)
+    it, epoch, done = loader.epoch(0), 0, 0
+    times = []
+    while done < batches + 1:
+        t0 = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            epoch += 1
+            it = loader.epoch(epoch)
+            continue
+        if batch.globals.is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        done += 1
+    measured = sum(times[1:])  # the first batch (worker start-up, graph build) is excluded
+    samples = batches * cfg.batch_size
+    crops = samples * (2 + cfg.local_crops)
+    return {"backend": backend, "samples_per_s": samples / measured, "us_per_crop": 1e6 * measured / crops,
+            "batches": batches, "batch_size": cfg.batch_size, "build_s": build_s, "first_batch_s": times[0],
+            "steps_per_epoch": steps}
+
+
+def main(argv=None) -> int:
+    from wcl_fast.config import DataConfig
+
+    parser = argparse.ArgumentParser(prog="python -m pipelines.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--backend", default=",".join(BACKENDS))
+    parser.add_argument("--data", default=None, help="ImageFolder to read (default: synthetic JPEGs in data/bench_jpeg)")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batches", type=int, default=6)
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    parser.add_argument("--global-size", type=int, default=224)
+    parser.add_argument("--local-crops", type=int, default=6)
+    parser.add_argument("--local-size", type=int, default=96)
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    data = Path(args.data) if args.data else write_bench_images(Path("data") / "bench_jpeg")
+    cfg = DataConfig(train_dir=str(data), batch_size=args.batch, workers=args.workers, global_size=args.global_size,
+                     local_crops=args.local_crops, local_size=args.local_size)
+    rows = []
+    for backend in [b.strip() for b in args.backend.split(",") if b.strip()]:
+        try:
+            rows.append(measure(backend, cfg, args.batches))
+        except Exception as exc:  # e.g. DALI not installed: report and continue with the others
+            print(f"{backend}: not measured ({type(exc).__name__}: {exc})", file=sys.stderr)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    recipe = f"2x{args.global_size}" + (f" + {args.local_crops}x{args.local_size}" if args.local_crops else "")
+    print(f"loader bench: {recipe} crops, batch {args.batch}, {args.workers} workers/threads, {device}, {data}")
+    print(f"{'backend':<12}{'samples/s':>11}{'us/crop':>10}{'vs reference':>14}")
+    ref = next((r["samples_per_s"] for r in rows if r["backend"] == "reference"), None)
+    for row in rows:
+        ratio = f"{row['samples_per_s'] / ref:.2f}x" if ref else "-"
+        row["vs_reference"] = row["samples_per_s"] / ref if ref else None
+        print(f"{row['backend']:<12}{row['samples_per_s']:>11.1f}{row['us_per_crop']:>10.0f}{ratio:>14}")
+    result = {"recipe": recipe, "device": device, "workers": args.workers, "data": str(data), "rows": rows}
+    print(json.dumps(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
