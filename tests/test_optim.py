@@ -127,3 +127,37 @@ def test_guarded_step_equals_plain_step_on_finite_gradients():
             o.step()
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # fused alpha vs separate multiply rounding
+
+
+def test_apex_impl_without_apex_is_one_clear_error():
+    from wcl_fast.config import ConfigError, OptimConfig
+    from wcl_fast.optim import apex_available
+
+    if apex_available():
+        pytest.skip("apex is installed here")
+    model = build_model(ModelConfig(arch="resnet18", head_hidden=16, head_out=8))
+    with pytest.raises(ConfigError, match="optim.impl=apex needs NVIDIA apex.*optim.impl=native"):
+        build_optimizer(model, OptimConfig(impl="apex"))
+
+
+def test_apex_impl_matches_native_lars():
+    from wcl_fast.config import OptimConfig
+    from wcl_fast.optim import apex_available
+
+    if not (apex_available() and torch.cuda.is_available()):
+        pytest.skip("needs NVIDIA apex and CUDA")
+    torch.manual_seed(0)
+    native = build_model(ModelConfig(arch="resnet18", head_hidden=16, head_out=8)).cuda()
+    fused = build_model(ModelConfig(arch="resnet18", head_hidden=16, head_out=8)).cuda()
+    fused.load_state_dict(native.state_dict())
+    opts = [build_optimizer(native, OptimConfig(weight_decay=1e-4)), build_optimizer(fused, OptimConfig(weight_decay=1e-4, impl="apex"))]
+    x = torch.randn(8, 3, 32, 32, device="cuda")
+    for step in range(3):
+        for model, opt in zip((native, fused), opts):
+            for group in opt.param_groups:
+                group["lr"] = 0.5
+            opt.zero_grad()
+            model.net(x).square().mean().backward()
+            opt.step()
+    for (name, a), b in zip(native.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

@@ -128,6 +128,9 @@ class OptimConfig:
     # reference: names containing 'bn' or 'bias' skip weight decay and LARS (misses downsample BN);
     # norm_bias: every normalisation-layer parameter and every bias skips them.
     exclude_rule: Literal["reference", "norm_bias"] = "reference"
+    # native: multi-tensor torch._foreach LARS; apex: the same LARS scaling, momentum update by NVIDIA
+    # apex's FusedSGD kernels (optional accelerator; apex is not on PyPI: build it from source)
+    impl: Literal["native", "apex"] = "native"
     warmup_epochs: float = 10.0
 
 

@@ -113,9 +113,84 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
+class ApexLARS(LARS):
+    """LARS whose momentum/parameter update runs in NVIDIA apex's FusedSGD (multi-tensor CUDA kernels).
+
+    The weight decay and trust ratio are computed exactly as in `LARS` (foreach ops); the scaled
+    gradients are then handed to FusedSGD(momentum=mu, dampening=0, nesterov=False, weight_decay=0),
+    whose update m <- mu m + g, w <- w - lr m is the native one. With the NaN guard a skipped step
+    is decided with one host read per step (FusedSGD cannot take a device-side flag).
+    """
+
+    def __init__(self, params, **kwargs):
+        from apex.optimizers import FusedSGD
+
+        super().__init__(params, **kwargs)
+        self.fused = FusedSGD([{"params": g["params"], "lr": g["lr"]} for g in self.param_groups],
+                              lr=0.0, momentum=self.defaults["momentum"], weight_decay=0.0)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        all_grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if self.skip_nonfinite and all_grads:
+            ok = torch.isfinite(torch.stack(torch._foreach_norm(all_grads))).all()
+            self.last_step_ok = ok
+            if not bool(ok):  # sync point (apex path only)
+                return loss
+        for group, fused_group in zip(self.param_groups, self.fused.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if group["weight_decay"] != 0:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            if group["lars"]:
+                param_norms = torch.stack(torch._foreach_norm(params))
+                grad_norms = torch.stack(torch._foreach_norm(grads))
+                ratios = group["trust_coefficient"] * param_norms / (grad_norms + group["eps"])
+                ratios = torch.where((param_norms > 0) & (grad_norms > 0), ratios, torch.ones_like(ratios))
+                grads = torch._foreach_mul(grads, list(ratios.unbind()))
+            for p, g in zip(params, grads):
+                p.grad = g
+            fused_group["lr"] = group["lr"]
+        self.fused.step()
+        return loss
+
+    def state_dict(self):
+        state = super().state_dict()
+        state["fused"] = self.fused.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        fused = state_dict.pop("fused", None)
+        super().load_state_dict(state_dict)
+        if fused is not None:
+            self.fused.load_state_dict(fused)
+
+
+def apex_available() -> bool:
+    try:
+        import apex.optimizers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig, skip_nonfinite: bool = False) -> LARS:
-    return LARS(parameter_groups(model, cfg), lr=0.0, momentum=cfg.momentum,
-                trust_coefficient=cfg.trust_coefficient, eps=cfg.eps, skip_nonfinite=skip_nonfinite)
+    kwargs = dict(lr=0.0, momentum=cfg.momentum, trust_coefficient=cfg.trust_coefficient, eps=cfg.eps,
+                  skip_nonfinite=skip_nonfinite)
+    if cfg.impl == "apex":
+        from wcl_fast.config import ConfigError
+
+        if not apex_available():
+            raise ConfigError("optim.impl=apex needs NVIDIA apex, which is not on the package index: build it with "
+                              "'git clone https://github.com/NVIDIA/apex && cd apex && pip install -v --no-build-isolation "
+                              "--config-settings \"--build-option=--cpp_ext\" --config-settings \"--build-option=--cuda_ext\" .', "
+                              "or use optim.impl=native (same LARS semantics)")
+        return ApexLARS(parameter_groups(model, cfg), **kwargs)
+    return LARS(parameter_groups(model, cfg), **kwargs)
 
 
 def base_learning_rate(cfg: OptimConfig, global_batch: int) -> float:
