@@ -55,6 +55,8 @@ class ModelConfig:
     forward: Literal["per_resolution", "per_view"] = "per_resolution"
     sync_bn: bool = True  # SyncBatchNorm when distributed on CUDA (it is CUDA-only)
     channels_last: bool = True
+    # torch.compile of the encoder (nn.Module.compile: state-dict keys unchanged); '' = eager
+    compile: Literal["", "default", "reduce-overhead", "max-autotune"] = ""
 
 
 @dataclass

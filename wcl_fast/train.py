@@ -129,6 +129,8 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
         for key, value in buffers.items():
             if torch.is_tensor(value):
                 buffers[key] = value.to(device)
+    if cfg.model.compile:  # compiles on the first step (minutes for ResNet-50); checkpoints keep eager key names
+        model.net.compile(mode=cfg.model.compile)
     if ctx.distributed and device.type == "cuda" and cfg.model.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ddp = model
