@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import signal
 import sys
 import time
@@ -144,6 +145,7 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
     names = objective.term_names  # logged terms, 'loss' first
     autocast = objectives.autocast_factory(device, dtype)
 
+    crash_at = crash_point()
     stop = StopRequest()
     stop.install()
     accum = torch.zeros(len(names) + 1, device=device)  # sums of the terms, finite steps since last log (device side)
@@ -207,6 +209,8 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
                 global_step += 1
                 step_in_epoch += 1
                 bar.update(1)
+                if crash_at is not None and crash_at == (ctx.rank, global_step):
+                    os._exit(17)  # fault-injection hook of the elastic-restart test (see crash_point)
                 at_stop = cfg.train.stop_at_step > 0 and global_step >= cfg.train.stop_at_step
                 if global_step % cfg.train.log_interval == 0 or step_in_epoch == steps_per_epoch or at_stop:
                     values = wdist.all_reduce_mean(torch.cat([accum, torch.tensor([float(stop.requested)], device=device)]))
@@ -278,6 +282,16 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
         run_knn(cfg, model, device, logger, global_step, summary)
     logger.close()
     return summary
+
+
+def crash_point() -> tuple[int, int] | None:
+    """Testing hook: WCL_FAST_CRASH_AT="rank:step" kills that rank right after that global step, on the
+    first attempt of a torchrun job only (TORCHELASTIC_RESTART_COUNT=0), to test elastic restarts."""
+    spec = os.environ.get("WCL_FAST_CRASH_AT")
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return None
+    rank, step = spec.split(":")
+    return int(rank), int(step)
 
 
 def replica_divergence(model: torch.nn.Module) -> float:
