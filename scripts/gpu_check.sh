@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One-call GPU check (issue 3 / 8): GPU tests + kernel bench, results under ${OUT:-gpu_check_out}.
+# One-call GPU check (issues 3, 4, 8): GPU tests, the step bench, the kernel bench and (where DALI is
+# installed) the loader bench; results and one JSON report under ${OUT:-gpu_check_out}. Budget: < 8 min.
 # Usage on a CUDA machine from the repository root: bash scripts/gpu_check.sh
 set -uo pipefail
 OUT="${OUT:-gpu_check_out}"
@@ -11,10 +12,32 @@ PY="${PYTHON:-python3}"
   "$PY" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda)'
 } | tee "$OUT/env.txt"
 # GPU-relevant tests (the ones needing mlxtend/tensorboard are CPU-machine tests)
-timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_triton_kernel.py \
-    tests/test_objective.py "tests/test_train.py::test_training_step_has_no_host_sync_on_cuda" 2>&1 | tee "$OUT/tests.txt"
+timeout 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_triton_kernel.py \
+    tests/test_objective.py tests/test_related_objectives.py "tests/test_train.py::test_training_step_has_no_host_sync_on_cuda" \
+    tests/test_optim.py $("$PY" -c 'import nvidia.dali' 2>/dev/null && echo tests/test_dali.py) 2>&1 | tee "$OUT/tests.txt"
 tests_rc=${PIPESTATUS[0]}
-timeout 240 "$PY" -m kernels.bench --json "$OUT/kernels_bench.json" 2>&1 | tee "$OUT/kernels_bench.txt"
+timeout 120 "$PY" -m kernels.bench --json "$OUT/kernels_bench.json" 2>&1 | tee "$OUT/kernels_bench.txt"
 bench_rc=${PIPESTATUS[0]}
-echo "tests rc=$tests_rc bench rc=$bench_rc" | tee -a "$OUT/env.txt"
-exit $(( tests_rc != 0 || bench_rc != 0 ))
+step_rc=0
+for batch in 128 256; do
+  timeout 120 "$PY" -m wcl_fast.bench_step --config configs/imagenet_wcl_multicrop_200ep.yaml --steps 10 --warmup 3 \
+      --json "$OUT/step_bench_$batch.json" data.batch_size=$batch 2>&1 | tee "$OUT/step_bench_$batch.txt"
+  step_rc=$(( step_rc || PIPESTATUS[0] ))
+done
+loader_rc=0
+if "$PY" -c 'import nvidia.dali' 2>/dev/null; then
+  timeout 90 "$PY" -m pipelines.bench --batch 128 --batches 8 --workers 16 --json "$OUT/loader_bench.json" 2>&1 | tee "$OUT/loader_bench.txt"
+  loader_rc=${PIPESTATUS[0]}
+fi
+"$PY" - "$OUT" <<'PYEOF'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+report = {"env": (out / "env.txt").read_text()}
+for path in sorted(out.glob("*.json")):
+    if path.name != "report.json":
+        report[path.stem] = json.loads(path.read_text())
+(out / "report.json").write_text(json.dumps(report, indent=2))
+print("wrote", out / "report.json")
+PYEOF
+echo "tests rc=$tests_rc kernels rc=$bench_rc step rc=$step_rc loader rc=$loader_rc" | tee -a "$OUT/env.txt"
+exit $(( tests_rc != 0 || bench_rc != 0 || step_rc != 0 || loader_rc != 0 ))

@@ -258,3 +258,19 @@ def test_slurm_script_is_valid_bash_and_uses_c10d():
     script = (ROOT / "scripts" / "slurm_train.sh").read_text()
     assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "slurm_train.sh")]).returncode == 0
     assert "--rdzv_backend c10d" in script and "train.resume=auto" in script and "--max-restarts" in script
+
+
+@pytest.mark.parametrize("objective", ["wcl", "slr"])
+def test_step_bench_reports_both_paths(tmp_path, objective):
+    from wcl_fast.bench_step import main
+
+    out = tmp_path / "step.json"
+    assert main(["--config", str(SMOKE), "--steps", "2", "--warmup", "1", "--rounds", "1", "--json", str(out),
+                 f"loss.objective={objective}", "data.batch_size=16", "loss.momentum.queue_size=64"]) == 0
+    result = json.loads(out.read_text())
+    assert result["objective"] == objective and result["batch_per_device"] == 16
+    enc, full = result["encoder"], result["full"]
+    assert enc["samples_per_s"] > 0 and full["samples_per_s"] > 0
+    assert result["overhead"] == pytest.approx(full["s_per_step"] / enc["s_per_step"] - 1)
+    assert full["flops_per_step"] >= enc["flops_per_step"] > 0  # the full step adds the heads' work
+    assert result["projected_8gpu_epoch_s"] == pytest.approx(1_281_167 / (full["samples_per_s"] * 8))

@@ -1,0 +1,178 @@
+"""Training-step benchmark: the bare encoder vs the full objective step on the same synthetic crops.
+
+    python -m wcl_fast.bench_step --config configs/imagenet_wcl_multicrop_200ep.yaml data.batch_size=256 [key=value ...]
+        [--steps 20] [--warmup 5] [--rounds 2] [--json out.json] [--scaling 1.0]
+
+data.batch_size is the batch of this one device. Side by side in one run (alternating rounds, best
+round of each): (a) encoder forward + backward of the 2 global + L local crops (one pass per
+resolution, as the trainer), (b) the full step of loss.objective (heads, gathers, 1-NN graph and
+components for WCL, both losses, backward, LARS update, EMA/queue update where the objective has
+one). Prints samples/s, the overhead of (b) over (a), peak memory, FLOPs per step (torch's
+FlopCounterMode), achieved TFLOP/s and MFU on known GPUs, and a PROJECTED 8-GPU ImageNet epoch
+(1,281,167 images / (samples/s x 8 x --scaling)); --scaling is the measured multi-GPU efficiency
+(1.0 = perfect, an assumption unless you measured it). Table + JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+IMAGENET_TRAIN = 1_281_167
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0, "A10": 125.0}  # dense
+COMPUTE_LIMIT_EPOCH_S = {"A100": 190.0, "H100": 95.0, "H200": 95.0}  # issue 8: 2x224 + 6x96, 8 GPUs
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, steps, device):
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def _flops(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def run(cfg, steps: int, warmup: int, rounds: int, scaling: float) -> dict:
+    from pipelines.batch import MultiCropBatch
+    from wcl_fast import dist as wdist
+    from wcl_fast.model import build_model
+    from wcl_fast.objectives import runner
+    from wcl_fast.optim import build_optimizer
+    from wcl_fast.train import autocast_dtype
+
+    ctx = wdist.init_distributed()
+    device = ctx.device
+    torch.manual_seed(cfg.train.seed)
+    b = cfg.data.batch_size
+    fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    model = build_model(cfg.model, two_heads=runner.two_heads(cfg)).to(device, memory_format=fmt)
+    if cfg.model.compile:
+        model.net.compile(mode=cfg.model.compile)
+    optimizer = build_optimizer(model, cfg.optim, skip_nonfinite=cfg.train.max_bad_steps > 0)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.1
+    dtype = autocast_dtype(cfg.train.precision)
+    autocast = runner.autocast_factory(device, dtype)
+    globals_ = torch.randn(2 * b, 3, cfg.data.global_size, cfg.data.global_size, device=device).contiguous(memory_format=fmt)
+    locals_ = None
+    if cfg.data.local_crops:
+        locals_ = torch.randn(cfg.data.local_crops * b, 3, cfg.data.local_size, cfg.data.local_size,
+                              device=device).contiguous(memory_format=fmt)
+    batch = MultiCropBatch(globals_, locals_, torch.arange(b, device=device), torch.zeros(b, dtype=torch.int64, device=device))
+    objective = runner.build_objective(cfg, model, ctx, num_samples=max(b, cfg.loss.clinfonce.kmeans_k))
+    if cfg.loss.objective == "clinfonce" and getattr(objective, "table", None) is None:
+        k = min(cfg.loss.clinfonce.kmeans_k, b)
+        objective.table = torch.randint(0, k, (max(b, cfg.loss.clinfonce.kmeans_k),), device=device)
+    counter = {"step": 0}
+
+    def encoder_step():
+        with autocast():
+            h = model.net(globals_).float().square().mean()
+            if locals_ is not None:
+                h = h + model.net(locals_).float().square().mean()
+        h.backward()
+        model.zero_grad(set_to_none=True)
+
+    def full_step():
+        terms = objective.losses(model, batch, counter["step"], 10_000, autocast)
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        optimizer.step()
+        objective.after_step()
+        counter["step"] += 1
+
+    results = {"encoder": [], "full": []}
+    peak = {}
+    for name, fn in (("encoder", encoder_step), ("full", full_step)):  # warm-up (compilation, allocator)
+        for _ in range(warmup):
+            fn()
+    for _ in range(rounds):
+        for name, fn in (("encoder", encoder_step), ("full", full_step)):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            results[name].append(_timed(fn, steps, device))
+            if device.type == "cuda":
+                peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated(device))
+    flops = {"encoder": _flops(encoder_step), "full": _flops(full_step)}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    card = next((key for key in PEAK_BF16_TFLOPS if key in name), None)
+    rows = {}
+    for key in ("encoder", "full"):
+        seconds = min(results[key])
+        tflops = flops[key] / seconds / 1e12
+        rows[key] = {"s_per_step": seconds, "samples_per_s": b / seconds, "flops_per_step": flops[key],
+                     "tflops": tflops, "peak_memory_gb": peak.get(key, 0) / 2**30 if peak else None,
+                     "mfu": tflops / PEAK_BF16_TFLOPS[card] if card and device.type == "cuda" else None}
+    overhead = rows["full"]["s_per_step"] / rows["encoder"]["s_per_step"] - 1
+    projected = IMAGENET_TRAIN / (rows["full"]["samples_per_s"] * 8 * scaling)
+    result = {"device": name, "objective": cfg.loss.objective, "batch_per_device": b, "precision": cfg.train.precision,
+              "crops": f"2x{cfg.data.global_size}" + (f" + {cfg.data.local_crops}x{cfg.data.local_size}" if cfg.data.local_crops else ""),
+              "arch": cfg.model.arch, "steps": steps, "rounds": rounds, "encoder": rows["encoder"], "full": rows["full"],
+              "overhead": overhead, "projected_8gpu_epoch_s": projected, "scaling_assumed": scaling,
+              "compute_limit_epoch_s": COMPUTE_LIMIT_EPOCH_S.get(card) if card else None,
+              "date": time.strftime("%Y-%m-%d")}
+    return result
+
+
+def format_table(r: dict) -> str:
+    lines = [f"step bench: {r['arch']} {r['objective']}, {r['crops']} crops, batch {r['batch_per_device']} per device, "
+             f"{r['precision']}, {r['device']}",
+             f"{'':<10}{'samples/s':>11}{'ms/step':>10}{'GFLOP/step':>12}{'TFLOP/s':>9}{'MFU':>7}{'peak GB':>9}"]
+    for key, label in (("encoder", "(a) enc."), ("full", "(b) full")):
+        row = r[key]
+        mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "-"
+        mem = f"{row['peak_memory_gb']:.1f}" if row["peak_memory_gb"] is not None else "-"
+        lines.append(f"{label:<10}{row['samples_per_s']:>11.1f}{1e3 * row['s_per_step']:>10.1f}"
+                     f"{row['flops_per_step'] / 1e9:>12.1f}{row['tflops']:>9.2f}{mfu:>7}{mem:>9}")
+    lines.append(f"overhead of the full step over the bare encoder: {100 * r['overhead']:+.1f}%")
+    limit = f" (compute limit {r['compute_limit_epoch_s']:.0f} s)" if r["compute_limit_epoch_s"] else ""
+    lines.append(f"PROJECTION, not a measurement: 8-device ImageNet epoch {r['projected_8gpu_epoch_s']:.0f} s at "
+                 f"scaling {r['scaling_assumed']:.2f}{limit}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from wcl_fast.config import ConfigError, load_config
+
+    parser = argparse.ArgumentParser(prog="python -m wcl_fast.bench_step", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--scaling", type=float, default=1.0, help="multi-GPU efficiency used by the projection")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = run(cfg, args.steps, args.warmup, args.rounds, args.scaling)
+    print(format_table(result))
+    print(json.dumps(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
