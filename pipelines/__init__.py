@@ -6,7 +6,7 @@ import torch
 from pipelines.batch import MultiCropBatch
 from wcl_fast.config import Config, ConfigError
 
-__all__ = ["MultiCropBatch", "build_loader", "build_train_eval_loader"]
+__all__ = ["MultiCropBatch", "build_eval_loader", "build_loader", "build_train_eval_loader"]
 
 
 def build_loader(cfg: Config, split: str, rank: int, world: int):
@@ -36,9 +36,7 @@ def build_train_eval_loader(cfg: Config, batch_size: int, rank: int, world: int)
     sample-id order (batch.index): used to embed the whole training set (Cl-InfoNCE K-means).
     Returns (loader, number of samples)."""
     pin = torch.cuda.is_available()
-    if cfg.data.backend in ("reference", "dali"):  # evaluation transform: the reference loader
-        from pipelines.reference import build_eval_loader
-
+    if cfg.data.backend in ("reference", "dali"):
         loader, count, _ = build_eval_loader(cfg.data, cfg.data.train_dir, "data.train_dir", batch_size, rank, world, pin)
         return loader, count
     if cfg.data.backend == "synthetic":
@@ -52,3 +50,16 @@ def build_train_eval_loader(cfg: Config, batch_size: int, rank: int, world: int)
         return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=cfg.data.workers,
                           collate_fn=collate_eval), len(dataset)
     raise ConfigError(f"data.backend: {cfg.data.backend!r} has no evaluation view of the training set")
+
+
+def build_eval_loader(data_cfg, directory: str, key: str, batch_size: int, rank: int, world: int, pin_memory: bool = False):
+    """Evaluation transform (Resize + CenterCrop) over this rank's unpadded shard of an ImageFolder with
+    the configured backend (dali: pipelines.dali; otherwise the reference loader).
+    Returns (loader, total samples, number of classes)."""
+    if data_cfg.backend == "dali":
+        from pipelines.dali import build_dali_eval_loader
+
+        return build_dali_eval_loader(data_cfg, directory, key, batch_size, rank, world)
+    from pipelines.reference import build_eval_loader as reference_eval_loader
+
+    return reference_eval_loader(data_cfg, directory, key, batch_size, rank, world, pin_memory)

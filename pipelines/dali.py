@@ -268,3 +268,76 @@ def _to_torch(tensor_list, device_id: int | None) -> torch.Tensor:
 def build_dali_loader(cfg: DataConfig, seed: int, rank: int, world: int) -> DaliMultiCropLoader:
     device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
     return DaliMultiCropLoader(cfg, seed, rank, world, device_id)
+
+
+def build_eval_pipeline(batch_size: int, crop: int, mean, std, num_threads: int, device_id: int | None):
+    """Evaluation transform in DALI: Resize(short side) to the per-sample size computed on the host as
+    torchvision does, CenterCrop(crop) at the host-computed anchor, normalisation; HWC float output."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0,
+                  exec_async=False, exec_pipelined=False, prefetch_queue_depth=1)
+    def evaluation():
+        jpegs = fn.external_source(name="jpegs", dtype=types.UINT8, ndim=1)
+        geometry = fn.external_source(name="geometry", dtype=types.FLOAT, ndim=1)  # new_h, new_w, pos_y, pos_x
+        images = fn.decoders.image(jpegs, device="mixed" if device_id is not None else "cpu", output_type=types.RGB,
+                                   adjust_orientation=False)
+        images = fn.resize(images, size=geometry[0:2], interp_type=types.INTERP_LINEAR, antialias=True, dtype=types.FLOAT)
+        return fn.crop_mirror_normalize(images, crop=(crop, crop), crop_pos_y=geometry[2], crop_pos_x=geometry[3],
+                                        dtype=types.FLOAT, mean=[255.0 * m for m in mean], std=[255.0 * s for s in std],
+                                        output_layout="HWC")
+
+    return evaluation()
+
+
+def eval_geometry(width: int, height: int, resize: int, crop: int) -> np.ndarray:
+    """torchvision Resize(resize) (short side; long side truncated) + CenterCrop(crop) (anchor rounded)."""
+    if width <= height:
+        new_w, new_h = resize, int(resize * height / width)
+    else:
+        new_h, new_w = resize, int(resize * width / height)
+    top, left = int(round((new_h - crop) / 2.0)), int(round((new_w - crop) / 2.0))
+    pos_y = top / (new_h - crop) if new_h > crop else 0.5
+    pos_x = left / (new_w - crop) if new_w > crop else 0.5
+    return np.array([new_h, new_w, pos_y, pos_x], dtype=np.float32)
+
+
+class DaliEvalLoader:
+    """Batches (MultiCropBatch, globals [n, 3, crop, crop] channels-last) of a contiguous, unpadded shard of
+    an ImageFolder under the evaluation transform; the last batch may be smaller."""
+
+    def __init__(self, cfg: DataConfig, directory: str, key: str, batch_size: int, rank: int, world: int,
+                 device_id: int | None = None):
+        from pipelines.reference import shard_range
+
+        _import_dali()
+        self.cfg, self.batch_size, self.device_id = cfg, batch_size, device_id
+        self.samples, self.classes = scan_image_folder(directory, key)
+        self.indices = list(shard_range(len(self.samples), rank, world))
+        self.pipe = build_eval_pipeline(batch_size, cfg.eval_crop, cfg.mean, cfg.std, max(1, cfg.workers), device_id)
+        self.pipe.build()
+        self.pool = ThreadPoolExecutor(max(1, cfg.workers))
+        self._warned = 0
+
+    def __len__(self) -> int:
+        return (len(self.indices) + self.batch_size - 1) // self.batch_size
+
+    _read = DaliMultiCropLoader._read
+
+    def __iter__(self):
+        for start in range(0, len(self.indices), self.batch_size):
+            chunk = self.indices[start:start + self.batch_size]
+            reads = list(self.pool.map(self._read, chunk))
+            self.pipe.feed_input("jpegs", [r[0] for r in reads])
+            self.pipe.feed_input("geometry", [eval_geometry(r[1], r[2], self.cfg.eval_resize, self.cfg.eval_crop) for r in reads])
+            (out,) = self.pipe.run()
+            images = _to_torch(out, self.device_id).permute(0, 3, 1, 2)
+            yield MultiCropBatch(images, None, torch.tensor([r[3] for r in reads], dtype=torch.int64),
+                                 torch.tensor([r[4] for r in reads], dtype=torch.int64), sum(r[5] for r in reads))
+
+
+def build_dali_eval_loader(cfg: DataConfig, directory: str, key: str, batch_size: int, rank: int, world: int):
+    """(loader, total samples, number of classes), like pipelines.reference.build_eval_loader."""
+    device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
+    loader = DaliEvalLoader(cfg, directory, key, batch_size, rank, world, device_id)
+    return loader, len(loader.samples), len(loader.classes)

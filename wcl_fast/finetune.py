@@ -73,7 +73,8 @@ class _SubsetByKey(torch.utils.data.Dataset):
 
 
 def finetune(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
-    from pipelines.reference import (ImageSource, MultiCropLoader, StepSampler, build_eval_loader, collate_eval,
+    from pipelines import build_eval_loader
+    from pipelines.reference import (ImageSource, MultiCropLoader, StepSampler, collate_eval,
                                      scan_image_folder)
     from wcl_fast.knn import gather_variable
     from wcl_fast.linear import LinearTrainDataset, accuracy, load_encoder

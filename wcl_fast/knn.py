@@ -79,7 +79,7 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, num_c
 
 def evaluate_knn(encoder: torch.nn.Module, cfg, device: torch.device) -> dict:
     """kNN top-1/top-5 of `encoder` with data.train_dir as the memory bank and data.val_dir as the test set."""
-    from pipelines.reference import build_eval_loader
+    from pipelines import build_eval_loader
 
     rank, world = wdist.rank(), wdist.world_size()
     pin = device.type == "cuda"

@@ -81,7 +81,8 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
 
 def train_linear(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
     """Train the linear classifier; returns final and best-epoch top-1/top-5 on the validation set."""
-    from pipelines.reference import (ImageSource, MultiCropLoader, StepSampler, build_eval_loader, collate_eval,
+    from pipelines import build_eval_loader
+    from pipelines.reference import (ImageSource, MultiCropLoader, StepSampler, collate_eval,
                                      scan_image_folder)
 
     ctx = ctx or wdist.init_distributed()
