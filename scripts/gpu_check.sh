@@ -14,6 +14,7 @@ PY="${PYTHON:-python3}"
 # GPU-relevant tests (the ones needing mlxtend/tensorboard are CPU-machine tests)
 timeout 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_triton_kernel.py \
     tests/test_objective.py tests/test_related_objectives.py "tests/test_train.py::test_training_step_has_no_host_sync_on_cuda" \
+    "tests/test_train.py::test_objective_steps_have_no_host_sync_on_cuda" \
     tests/test_optim.py $("$PY" -c 'import nvidia.dali' 2>/dev/null && echo tests/test_dali.py) 2>&1 | tee "$OUT/tests.txt"
 tests_rc=${PIPESTATUS[0]}
 timeout 120 "$PY" -m kernels.bench --json "$OUT/kernels_bench.json" 2>&1 | tee "$OUT/kernels_bench.txt"

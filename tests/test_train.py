@@ -274,3 +274,49 @@ def test_step_bench_reports_both_paths(tmp_path, objective):
     assert result["overhead"] == pytest.approx(full["s_per_step"] / enc["s_per_step"] - 1)
     assert full["flops_per_step"] >= enc["flops_per_step"] > 0  # the full step adds the heads' work
     assert result["projected_8gpu_epoch_s"] == pytest.approx(1_281_167 / (full["samples_per_s"] * 8))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("objective", [["loss.objective=simclr"], ["loss.objective=co2"],
+                                       ["loss.objective=co2", "loss.co2.form=queue", "loss.momentum.queue_size=256"],
+                                       ["loss.objective=slr", "loss.momentum.queue_size=256"],
+                                       ["loss.objective=clinfonce", "loss.clinfonce.form=dual", "loss.clinfonce.kmeans_k=8"]],
+                         ids=["simclr", "co2-batch", "co2-queue", "slr", "clinfonce-dual"])
+def test_objective_steps_have_no_host_sync_on_cuda(objective):
+    """Every objective's step (forward, loss, backward, LARS, EMA/queue update) under sync-debug 'error'."""
+    from pipelines.batch import MultiCropBatch
+    from wcl_fast import dist as wdist
+    from wcl_fast.model import build_model
+    from wcl_fast.objectives import runner
+    from wcl_fast.optim import build_optimizer
+
+    cfg = load_config(SMOKE, ["data.batch_size=64", "data.local_crops=2", *objective])
+    device = torch.device("cuda")
+    model = build_model(cfg.model, two_heads=runner.two_heads(cfg)).to(device, memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg.optim, skip_nonfinite=True)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.1
+    ctx = wdist.DistContext(device=device)
+    objective_state = runner.build_objective(cfg, model, ctx, num_samples=64)
+    if cfg.loss.objective == "clinfonce":
+        objective_state.table = torch.randint(0, 8, (64,), device=device)
+    batch = MultiCropBatch(torch.randn(128, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last),
+                           torch.randn(128, 3, 16, 16, device=device).contiguous(memory_format=torch.channels_last),
+                           torch.arange(64, device=device), torch.zeros(64, dtype=torch.int64, device=device))
+    autocast = runner.autocast_factory(device, torch.bfloat16)
+    state = {"step": 0}
+
+    def step():
+        terms = objective_state.losses(model, batch, state["step"], 100, autocast)
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        optimizer.step()
+        objective_state.after_step()
+        state["step"] += 1
+        return terms
+
+    step()
+    with no_host_sync():
+        for _ in range(3):
+            terms = step()
+    assert torch.isfinite(terms["loss"]).item()

@@ -279,8 +279,9 @@ class SLRObjective(MomentumObjective):
         offset = self.ctx.rank * b
         columns = torch.arange(b, device=x1.device) + offset
         image_pairs = [(x1, x2), (x2, x1)] if cfg.loss.momentum.symmetric else [(x1, x2)]
-        draws = [mixup_draw(b, s.kappa, cfg.train.seed, step, self.ctx.rank, stream) for stream in range(len(image_pairs))]
-        mixed = torch.cat([momentum_mixup(xq, xk, theta.to(xq.device), partner.to(xq.device))
+        draws = [tuple(_to_device(t, x1.device) for t in mixup_draw(b, s.kappa, cfg.train.seed, step, self.ctx.rank, stream))
+                 for stream in range(len(image_pairs))]
+        mixed = torch.cat([momentum_mixup(xq, xk, theta, partner)
                            for (xq, xk), (theta, partner) in zip(image_pairs, draws)])
         with autocast():
             z_global, _, z_local, _, z_mix = ddp(batch.globals, batch.locals, mixed)
@@ -298,6 +299,13 @@ class SLRObjective(MomentumObjective):
         nce, mix = torch.cat(onehot_parts).mean(), torch.cat(mix_parts).mean()
         self._pending = wdist.gather_rows(k2)
         return {"loss": (1 - s.lam) * nce + s.lam * mix, "nce": nce, "mix": mix}
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor -> device without a synchronising copy (pinned memory, non-blocking on CUDA)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 OBJECTIVES = {"wcl": WCLObjective, "simclr": SimCLRObjective, "clinfonce": ClInfoNCEObjective,

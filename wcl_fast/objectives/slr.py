@@ -85,5 +85,5 @@ def slr_terms(q: torch.Tensor, q_mix: torch.Tensor, keys: torch.Tensor, self_col
     rows = [soft_contrastive_rows(q, keys, onehot, tau)]
     if q_extra is not None and q_extra.shape[0] > 0:
         rows.append(soft_contrastive_rows(q_extra, keys, _one_hot_columns(extra_columns, keys.shape[0]).float(), tau))
-    mix = soft_contrastive_rows(q_mix, keys, mix_targets(ybar, theta.to(ybar.device), partner.to(ybar.device)), tau)
+    mix = soft_contrastive_rows(q_mix, keys, mix_targets(ybar, theta, partner), tau)
     return torch.cat(rows), mix
