@@ -53,6 +53,19 @@ def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     ]
 
 
+def scaled_gradients(group: dict, params: list, grads: list) -> list:
+    """g <- grad + wd * w, then g <- eta ||w|| / (||g|| + eps) * g for LARS groups (multi-tensor)."""
+    if group["weight_decay"] != 0:
+        grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+    if group["lars"]:
+        param_norms = torch.stack(torch._foreach_norm(params))  # [P]
+        grad_norms = torch.stack(torch._foreach_norm(grads))  # [P]
+        ratios = group["trust_coefficient"] * param_norms / (grad_norms + group["eps"])
+        ratios = torch.where((param_norms > 0) & (grad_norms > 0), ratios, torch.ones_like(ratios))
+        grads = torch._foreach_mul(grads, list(ratios.unbind()))
+    return grads
+
+
 class LARS(torch.optim.Optimizer):
     """SGD momentum with layer-wise trust ratio on the weight-decayed gradient (see module docstring)."""
 
@@ -85,15 +98,7 @@ class LARS(torch.optim.Optimizer):
             grads = [p.grad for p in params]
             if ok is not None:
                 grads = [g.nan_to_num(0.0, 0.0, 0.0) for g in grads]
-            if group["weight_decay"] != 0:
-                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-            if group["lars"]:
-                param_norms = torch.stack(torch._foreach_norm(params))  # [P]
-                grad_norms = torch.stack(torch._foreach_norm(grads))  # [P]
-                ratios = group["trust_coefficient"] * param_norms / (grad_norms + group["eps"])
-                ratios = torch.where((param_norms > 0) & (grad_norms > 0), ratios, torch.ones_like(ratios))
-                ratios = list(ratios.unbind())
-                grads = torch._foreach_mul(grads, ratios)
+            grads = scaled_gradients(group, params, grads)
             buffers = []
             for p in params:
                 state = self.state[p]
@@ -143,14 +148,7 @@ class ApexLARS(LARS):
             if not params:
                 continue
             grads = [p.grad for p in params]
-            if group["weight_decay"] != 0:
-                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-            if group["lars"]:
-                param_norms = torch.stack(torch._foreach_norm(params))
-                grad_norms = torch.stack(torch._foreach_norm(grads))
-                ratios = group["trust_coefficient"] * param_norms / (grad_norms + group["eps"])
-                ratios = torch.where((param_norms > 0) & (grad_norms > 0), ratios, torch.ones_like(ratios))
-                grads = torch._foreach_mul(grads, list(ratios.unbind()))
+            grads = scaled_gradients(group, params, grads)
             for p, g in zip(params, grads):
                 p.grad = g
             fused_group["lr"] = group["lr"]
