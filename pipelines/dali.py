@@ -168,14 +168,21 @@ class DaliMultiCropLoader:
     """Same interface as pipelines.reference.MultiCropLoader: len() = steps per epoch,
     .epoch(e, start_step) -> iterator of MultiCropBatch for this rank, .num_samples."""
 
-    def __init__(self, cfg: DataConfig, seed: int, rank: int, world: int, device_id: int | None = None):
+    def __init__(self, cfg: DataConfig, seed: int, rank: int, world: int, device_id: int | None = None,
+                 linear: bool = False, subset: list[int] | None = None, batch_size: int | None = None):
+        """linear=True: the linear-probe / fine-tuning training view instead (one RandomResizedCrop
+        (0.08, 1) + flip per image, drawn like wcl_fast.linear.LinearTrainDataset). subset: sample ids
+        the sampler ranges over (fine-tuning label subsets). batch_size: global batch (default data.batch_size)."""
         _import_dali()
-        self.cfg, self.seed = cfg, seed
+        self.cfg, self.seed, self.linear = cfg, seed, linear
         self.samples, _ = scan_image_folder(cfg.train_dir, "data.train_dir")
-        self.sampler = StepSampler(len(self.samples), cfg.batch_size, rank, world, seed)
-        self.local_batch = cfg.batch_size // world
-        self.num_crops = 2 + cfg.local_crops
-        sizes = [cfg.global_size] * 2 + [cfg.local_size] * cfg.local_crops
+        self.subset = subset
+        batch_size = batch_size or cfg.batch_size
+        self.sampler = StepSampler(len(subset) if subset is not None else len(self.samples), batch_size, rank, world, seed)
+        self.local_batch = batch_size // world
+        self.num_global = 1 if linear else 2
+        self.num_crops = 1 if linear else 2 + cfg.local_crops
+        sizes = [cfg.global_size] * self.num_global + [cfg.local_size] * (self.num_crops - self.num_global)
         self.device_id = device_id
         self.pipe = build_pipeline(self.local_batch, self.num_crops, sizes, cfg.mean, cfg.std,
                                    max(1, cfg.workers), device_id, seed)
@@ -209,16 +216,22 @@ class DaliMultiCropLoader:
 
     def _prepare(self, keys: list[tuple[int, int]]):
         epoch = keys[0][0]
+        if self.subset is not None:
+            keys = [(e, self.subset[position]) for e, position in keys]
         global_recipe, local_recipe = crop_recipes(self.cfg, epoch)
         recipes = [global_recipe] * 2 + [local_recipe] * self.cfg.local_crops
         reads = list(self.pool.map(self._read, [index for _, index in keys]))
         jpegs, params = [], [[] for _ in range(self.num_crops)]
         index, label, failed = [], [], 0
         for (data, width, height, actual, lab, subs), (_, requested) in zip(reads, keys):
-            rng = np.random.default_rng([self.seed, epoch, requested])
             jpegs.append(data)
-            for c, recipe in enumerate(recipes):
-                params[c].append(crop_param_vector(draw_crop_params(rng, width, height, recipe), width, height))
+            if self.linear:
+                params[0].append(crop_param_vector(linear_crop_params(self.seed, epoch, requested, width, height),
+                                                   width, height))
+            else:
+                rng = np.random.default_rng([self.seed, epoch, requested])
+                for c, recipe in enumerate(recipes):
+                    params[c].append(crop_param_vector(draw_crop_params(rng, width, height, recipe), width, height))
             index.append(actual)
             label.append(lab)
             failed += subs
@@ -235,8 +248,8 @@ class DaliMultiCropLoader:
             raise RuntimeError(f"DALI failed on a batch of {len(jpegs)} images (first sample index {index[0]}): "
                                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
         crops = [_to_torch(out, self.device_id) for out in outputs]  # [b, H, W, 3] each
-        globals_ = torch.cat(crops[:2]).permute(0, 3, 1, 2)  # view-major, channels-last strides
-        locals_ = torch.cat(crops[2:]).permute(0, 3, 1, 2) if self.cfg.local_crops else None
+        globals_ = torch.cat(crops[:self.num_global]).permute(0, 3, 1, 2)  # view-major, channels-last strides
+        locals_ = torch.cat(crops[self.num_global:]).permute(0, 3, 1, 2) if self.num_crops > self.num_global else None
         self.failed_total += failed
         return MultiCropBatch(globals_, locals_, torch.tensor(index, dtype=torch.int64),
                               torch.tensor(label, dtype=torch.int64), failed)
@@ -252,6 +265,16 @@ class DaliMultiCropLoader:
             if s + 1 < len(steps):  # read and draw the next batch while DALI works on this one
                 pending = self.prefetch.submit(self._prepare, steps[s + 1])
             yield self._run(prepared)
+
+
+def linear_crop_params(seed: int, epoch: int, index: int, width: int, height: int):
+    """The linear-probe training view of wcl_fast.linear.LinearTrainDataset: the same generator and draws
+    (RandomResizedCrop box with scale (0.08, 1), then a flip coin)."""
+    from pipelines.reference import CropParams, random_resized_crop_box
+
+    rng = np.random.default_rng([seed, epoch, index, 7])
+    box = random_resized_crop_box(rng, width, height, (0.08, 1.0), (3 / 4, 4 / 3))
+    return CropParams(box, None, (0, 1, 2, 3), False, None, bool(rng.random() < 0.5))
 
 
 def _to_torch(tensor_list, device_id: int | None) -> torch.Tensor:

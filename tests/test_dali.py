@@ -226,3 +226,31 @@ def test_knn_monitor_runs_on_dali_eval(colour_folder):
     theirs = evaluate_knn(model.net, ref_cfg, torch.device("cpu"))
     assert ours["count"] == theirs["count"] == 90
     assert abs(ours["top1"] - theirs["top1"]) <= 100 * 3 / 90  # at most a few images decided differently
+
+
+def test_linear_training_view_matches_the_reference_and_runs(colour_folder, tmp_path):
+    """The linear-probe / fine-tuning training view in DALI: the same RandomResizedCrop + flip choices
+    as wcl_fast.linear.LinearTrainDataset; linear probe and fine-tuning run on data.backend=dali."""
+    from wcl_fast.finetune import finetune
+    from wcl_fast.linear import LinearTrainDataset, train_linear
+
+    cfg = _cfg(colour_folder, batch_size=30)
+    loader = D.DaliMultiCropLoader(cfg, seed=2, rank=0, world=1, linear=True)
+    batch = next(loader.epoch(1))
+    assert batch.globals.shape == (30, 3, 32, 32) and batch.locals is None
+    reference = LinearTrainDataset(R.ImageSource(loader.samples), cfg, seed=2)
+    ref = torch.stack([reference[(1, i)][0][0] for i in batch.index.tolist()])
+    per_image = (batch.globals - ref).abs().flatten(1).mean(1)
+    assert per_image.max() < 0.05, per_image.max()
+    subset = [3, 10, 20, 33, 47, 50, 61, 75, 80, 89]
+    sub = D.DaliMultiCropLoader(cfg, seed=2, rank=0, world=1, linear=True, subset=subset, batch_size=5)
+    assert sorted(i for b in sub.epoch(0) for i in b.index.tolist()) == subset
+
+    overrides = ["data.backend=dali", f"data.train_dir={colour_folder}", f"data.val_dir={colour_folder}",
+                 "data.workers=1", "data.global_size=32", "data.eval_resize=32", "data.eval_crop=32",
+                 "model.arch=resnet18", "train.precision=fp32", "linear.epochs=1", "linear.batch_size=30",
+                 "knn.batch_size=32", "finetune.epochs=1", "finetune.batch_size=9", "finetune.label_fraction=0.1"]
+    result = train_linear(load_config(None, overrides))
+    assert result["val_count"] == 90 and 0 <= result["top1"] <= 100
+    tuned = finetune(load_config(None, overrides))
+    assert tuned["val_count"] == 90

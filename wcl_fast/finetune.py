@@ -100,9 +100,16 @@ def finetune(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
     net = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
            if ctx.distributed else model)
     pin = device.type == "cuda"
-    sampler = StepSampler(len(subset), ft.batch_size, ctx.rank, ctx.world_size, cfg.train.seed)
-    dataset = _SubsetByKey(LinearTrainDataset(ImageSource(samples), cfg.data, cfg.train.seed), subset)
-    loader = MultiCropLoader(dataset, sampler, cfg.data.workers, pin, collate=collate_eval)
+    if cfg.data.backend == "dali":  # the same crop choices, decoded and cut in DALI
+        from pipelines.dali import DaliMultiCropLoader
+
+        loader = DaliMultiCropLoader(cfg.data, cfg.train.seed, ctx.rank, ctx.world_size,
+                                     device.index if device.type == "cuda" else None, linear=True, subset=subset,
+                                     batch_size=ft.batch_size)
+    else:
+        sampler = StepSampler(len(subset), ft.batch_size, ctx.rank, ctx.world_size, cfg.train.seed)
+        dataset = _SubsetByKey(LinearTrainDataset(ImageSource(samples), cfg.data, cfg.train.seed), subset)
+        loader = MultiCropLoader(dataset, sampler, cfg.data.workers, pin, collate=collate_eval)
     lr = ft.lr_scale * ft.batch_size / 256
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=ft.momentum, nesterov=ft.nesterov,
                                 weight_decay=ft.weight_decay)

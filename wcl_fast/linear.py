@@ -113,10 +113,18 @@ def train_linear(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
         sampler = StepSampler(n_train, lin.batch_size, 0, 1, cfg.train.seed)
         model = classifier
     else:
-        samples, _ = scan_image_folder(cfg.data.train_dir, "data.train_dir")
-        sampler = StepSampler(len(samples), lin.batch_size, ctx.rank, ctx.world_size, cfg.train.seed)
-        loader = MultiCropLoader(LinearTrainDataset(ImageSource(samples), cfg.data, cfg.train.seed), sampler,
-                                 cfg.data.workers, pin, collate=collate_eval)
+        if cfg.data.backend == "dali":  # the same crop choices, decoded and cut in DALI
+            from pipelines.dali import DaliMultiCropLoader
+
+            loader = DaliMultiCropLoader(cfg.data, cfg.train.seed, ctx.rank, ctx.world_size,
+                                         device.index if device.type == "cuda" else None, linear=True,
+                                         batch_size=lin.batch_size)
+            sampler = loader.sampler
+        else:
+            samples, _ = scan_image_folder(cfg.data.train_dir, "data.train_dir")
+            sampler = StepSampler(len(samples), lin.batch_size, ctx.rank, ctx.world_size, cfg.train.seed)
+            loader = MultiCropLoader(LinearTrainDataset(ImageSource(samples), cfg.data, cfg.train.seed), sampler,
+                                     cfg.data.workers, pin, collate=collate_eval)
         model = (torch.nn.parallel.DistributedDataParallel(classifier, device_ids=[device.index] if pin else None)
                  if ctx.distributed else classifier)
     steps_per_epoch = sampler.steps_per_epoch
