@@ -28,7 +28,12 @@ def build_loader(cfg: Config, split: str, rank: int, world: int):
         from pipelines.dali import build_dali_loader
 
         return build_dali_loader(cfg.data, cfg.train.seed, rank, world)
-    raise ConfigError(f"data.backend: {cfg.data.backend!r} is not available; use reference, synthetic or dali")
+    if cfg.data.backend == "ffcv":
+        from pipelines.ffcv import FFCVMultiCropLoader
+
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        return FFCVMultiCropLoader(cfg.data, cfg.train.seed, rank, world, device)
+    raise ConfigError(f"data.backend: {cfg.data.backend!r} is not available; use reference, synthetic, dali or ffcv")
 
 
 def build_train_eval_loader(cfg: Config, batch_size: int, rank: int, world: int):
@@ -36,6 +41,9 @@ def build_train_eval_loader(cfg: Config, batch_size: int, rank: int, world: int)
     sample-id order (batch.index): used to embed the whole training set (Cl-InfoNCE K-means).
     Returns (loader, number of samples)."""
     pin = torch.cuda.is_available()
+    if cfg.data.backend == "ffcv":
+        raise ConfigError("K-means clusters over a .beton are not supported yet; use loss.clinfonce.clusters_csv "
+                          "(rows keyed by index) or data.backend=reference/dali with data.train_dir")
     if cfg.data.backend in ("reference", "dali"):
         loader, count, _ = build_eval_loader(cfg.data, cfg.data.train_dir, "data.train_dir", batch_size, rank, world, pin)
         return loader, count

@@ -1,0 +1,191 @@
+"""FFCV multi-crop loader (data.backend=ffcv) over a .beton written by `python -m pipelines.convert`.
+
+Decode once, crop many: `MultiCropDecoder` is a custom FFCV operation (numba-compiled by FFCV's
+pipeline compiler) that decodes each JPEG once (libjpeg-turbo through FFCV's `imdecode`) into a
+scratch buffer and cuts the 2 global + L local random-resized crops from it with FFCV's
+`resize_crop` (OpenCV area/linear resize), writing them into one flat uint8 record per sample.
+Crop boxes follow torchvision's RandomResizedCrop sampler (FFCV's `get_random_crop`: 10 tries of
+area ~ U(scale) and log-aspect ~ U(log ratio), else a central crop); the numba generator is seeded
+per sample from (seed, the batch's first sample id, the sample id), so a given batch order gives the
+same crops on every run (and after a resume), while the crops of a sample change between epochs.
+
+Everything after the crop runs as batched tensor ops on the training device (pipelines/augment.py):
+ColorJitter (p 0.8, random order), grayscale (0.2), Gaussian blur (0.5), flip, normalisation,
+channels-last. Sample order is the trainer's StepSampler (global permutation per epoch, rank
+slices, drop_last), through a custom FFCV TraversalOrder.
+
+Differences from the reference loader (documented, tested for statistics): the crop is resized
+with OpenCV (FFCV) instead of PIL bilinear, the random draws come from numba / torch generators
+instead of numpy's default_rng([seed, epoch, index]), the .beton holds images re-encoded at
+--max-resolution, and the augmentation phase switch (MoCo-v2 -> SimCLR crop scale) rebuilds the
+FFCV pipeline once (one numba compilation).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipelines.batch import MultiCropBatch
+from pipelines.reference import StepSampler, crop_recipes
+from wcl_fast.config import ConfigError, DataConfig
+
+
+def _import_ffcv():
+    try:
+        import ffcv  # noqa: F401
+    except ImportError:
+        raise ConfigError("data.backend=ffcv needs FFCV: 'make install' installs it with its system libraries, "
+                          "or apt-get install pkg-config libturbojpeg0-dev libopencv-dev && pip install ffcv==1.0.2") from None
+
+
+def make_decoder(sizes: list[int], scales: list[tuple[float, float]], seed: int):
+    """A MultiCropDecoder operation class instance (built lazily: FFCV is an optional dependency)."""
+    from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder, get_random_crop
+    from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.pipeline.allocation_query import AllocationQuery
+    from ffcv.pipeline.compiler import Compiler
+
+    class MultiCropDecoder(SimpleRGBImageDecoder):
+        """RGBImageField -> uint8 [sum_c size_c^2 * 3] per sample: every crop of one decode, HWC each."""
+
+        def __init__(self):
+            super().__init__()
+            self.sizes = np.array(sizes, dtype=np.int64)
+            self.offsets = np.concatenate([[0], np.cumsum(self.sizes * self.sizes * 3)]).astype(np.int64)
+            self.scales = np.array(scales, dtype=np.float64)  # [C, 2]
+            self.seed = int(seed)
+
+        def declare_state_and_memory(self, previous_state):
+            widths, heights = self.metadata["width"], self.metadata["height"]
+            max_pixels = np.uint64(widths.max()) * np.uint64(heights.max()) * np.uint64(3)
+            shape = (int(self.offsets[-1]),)
+            dtype = np.dtype("<u1")
+            return (replace(previous_state, jit_mode=True, shape=shape, dtype=dtype),
+                    (AllocationQuery(shape, dtype), AllocationQuery((max_pixels,), dtype)))
+
+        def generate_code(self):
+            jpg = IMAGE_MODES["jpg"]
+            mem_read = self.memory_read
+            my_range = Compiler.get_iterator()
+            imdecode_c = Compiler.compile(imdecode)
+            resize_crop_c = Compiler.compile(resize_crop)
+            get_crop_c = Compiler.compile(get_random_crop)
+            sizes, offsets, scales, seed = self.sizes, self.offsets, self.scales, self.seed
+            ratio = np.array([3.0 / 4.0, 4.0 / 3.0])
+            num_crops = len(sizes)
+
+            def decode(batch_indices, my_storage, metadata, storage_state):
+                destination, temp_storage = my_storage
+                first = batch_indices[0]
+                for dst_ix in my_range(len(batch_indices)):
+                    source_ix = batch_indices[dst_ix]
+                    np.random.seed((seed * 1000003 + first * 7919 + source_ix) % 4294967291)
+                    field = metadata[source_ix]
+                    image_data = mem_read(field["data_ptr"], storage_state)
+                    height = np.uint32(field["height"])
+                    width = np.uint32(field["width"])
+                    if field["mode"] == jpg:  # decode once
+                        temp_buffer = temp_storage[dst_ix]
+                        imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
+                        image = temp_buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
+                    else:
+                        image = image_data.reshape(height, width, 3)
+                    out = destination[dst_ix]
+                    for c in range(num_crops):  # ... crop many
+                        i, j, h, w = get_crop_c(height, width, scales[c], ratio)
+                        size = sizes[c]
+                        view = out[offsets[c]:offsets[c + 1]].reshape(size, size, 3)
+                        resize_crop_c(image, i, i + h, j, j + w, view)
+                return destination[:len(batch_indices)]
+
+            decode.is_parallel = True
+            return decode
+
+    return MultiCropDecoder()
+
+
+def make_order(sampler: StepSampler):
+    """A TraversalOrder that yields this rank's samples of an epoch in StepSampler order (from start_step)."""
+    from ffcv.traversal_order.base import TraversalOrder
+
+    class StepOrder(TraversalOrder):
+        def __init__(self):  # FFCV calls order(loader); TraversalOrder.__init__ runs then
+            self.start_step = 0
+
+        def __call__(self, loader):
+            TraversalOrder.__init__(self, loader)
+            return self
+
+        def sample_order(self, epoch: int):
+            sampler.set_epoch(epoch, self.start_step)
+            return np.array([index for keys in sampler for _, index in keys], dtype=np.uint64)
+
+    return StepOrder()
+
+
+class FFCVMultiCropLoader:
+    """Same interface as the other backends: len() = steps per epoch, .epoch(e, start_step), .num_samples."""
+
+    def __init__(self, cfg: DataConfig, seed: int, rank: int, world: int, device: torch.device | None = None):
+        _import_ffcv()
+        from ffcv.reader import Reader
+
+        if not cfg.beton or not Path(cfg.beton).is_file():
+            raise ConfigError(f"data.beton: '{cfg.beton}' is not a file; write one with "
+                              f"python -m pipelines.convert --src {cfg.train_dir or '<imagefolder>'} --out train.beton")
+        self.cfg, self.seed, self.rank = cfg, seed, rank
+        self.device = device or torch.device("cpu")
+        self.num_records = Reader(cfg.beton).num_samples
+        self.sampler = StepSampler(self.num_records, cfg.batch_size, rank, world, seed)
+        self.local_batch = cfg.batch_size // world
+        self.sizes = [cfg.global_size] * 2 + [cfg.local_size] * cfg.local_crops
+        self._loader, self._scales = None, None
+
+    def __len__(self) -> int:
+        return self.sampler.steps_per_epoch
+
+    @property
+    def num_samples(self) -> int:
+        return self.num_records
+
+    def _ffcv_loader(self, epoch: int):
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.loader import Loader
+        from ffcv.transforms import ToTensor
+
+        global_recipe, local_recipe = crop_recipes(self.cfg, epoch)
+        scales = [global_recipe.scale] * 2 + [local_recipe.scale] * self.cfg.local_crops
+        if self._loader is None or scales != self._scales:  # phase switch: rebuild (one compilation)
+            self._order = make_order(self.sampler)
+            self._loader = Loader(self.cfg.beton, batch_size=self.local_batch, num_workers=max(1, self.cfg.workers),
+                                  order=self._order, drop_last=True, os_cache=self.cfg.os_cache,
+                                  pipelines={"image": [make_decoder(self.sizes, scales, self.seed)],
+                                             "label": [IntDecoder(), ToTensor()], "index": [IntDecoder(), ToTensor()]},
+                                  batches_ahead=2)
+            self._scales = scales
+        return self._loader
+
+    def epoch(self, epoch: int, start_step: int = 0):
+        from pipelines.augment import augment_views
+
+        loader = self._ffcv_loader(epoch)
+        self._order.start_step = start_step
+        loader.next_epoch = epoch
+        global_recipe, local_recipe = crop_recipes(self.cfg, epoch)
+        b = self.local_batch
+        for step, (records, label, index) in enumerate(loader, start=start_step):
+            records = torch.as_tensor(records).to(self.device, non_blocking=True)  # [b, T] uint8
+            views, offset = [], 0
+            for size in self.sizes:
+                span = size * size * 3
+                views.append(records[:, offset:offset + span].view(b, size, size, 3))
+                offset += span
+            generator = torch.Generator().manual_seed(hash((self.seed, epoch, step, self.rank)) % (2**63))
+            globals_ = augment_views(views[:2], global_recipe, self.cfg.mean, self.cfg.std, generator)
+            locals_ = (augment_views(views[2:], local_recipe, self.cfg.mean, self.cfg.std, generator)
+                       if self.cfg.local_crops else None)
+            yield MultiCropBatch(globals_, locals_, torch.as_tensor(index).view(-1).long(),
+                                 torch.as_tensor(label).view(-1).long(), 0)
