@@ -73,6 +73,18 @@ def gaussian_blur(x, sigma):
     return y.view(n, c, h, w)
 
 
+def _apply_where(x, mask, op, arg):
+    """x with op(x, arg) on the rows where mask [N] is True. On CUDA: computed for all rows and selected
+    (no data-dependent shapes, no host sync); on the CPU only the selected rows are computed."""
+    if x.device.type == "cuda":
+        return torch.where(mask.view(-1, 1, 1, 1), op(x, arg), x)
+    rows = mask.nonzero().flatten()
+    if rows.numel():
+        x = x.clone()
+        x[rows] = op(x[rows], arg[rows])
+    return x
+
+
 def augment_views(views: list[torch.Tensor], recipe, mean, std, generator: torch.Generator) -> torch.Tensor:
     """uint8 crops [b, S, S, 3] per view -> augmented, normalised float [V*b, 3, S, S] (channels-last)."""
     x = torch.cat(views).permute(0, 3, 1, 2).float().div_(255.0)  # view-major, channels-last strides
@@ -90,13 +102,10 @@ def augment_views(views: list[torch.Tensor], recipe, mean, std, generator: torch
     ops = (brightness, contrast, saturation, hue)
     for slot in range(4):
         for op_id, op in enumerate(ops):
-            mask = (jitter_on & (order[:, slot] == op_id)).view(-1, 1, 1, 1)
-            x = torch.where(mask, op(x, factors[op_id]), x)
-    gray_on = (draw(n) < recipe.gray_p).view(-1, 1, 1, 1)
-    x = torch.where(gray_on, gray(x).expand_as(x), x)
-    blur_on = (draw(n) < recipe.blur_p).view(-1, 1, 1, 1)
+            x = _apply_where(x, jitter_on & (order[:, slot] == op_id), op, factors[op_id])
+    x = _apply_where(x, draw(n) < recipe.gray_p, lambda v, _: gray(v).expand_as(v).contiguous(), factors[0])
     sigma = recipe.blur_sigma[0] + draw(n) * (recipe.blur_sigma[1] - recipe.blur_sigma[0])
-    x = torch.where(blur_on, gaussian_blur(x, sigma), x)
+    x = _apply_where(x, draw(n) < recipe.blur_p, gaussian_blur, sigma)
     flip_on = (draw(n) < recipe.flip_p).view(-1, 1, 1, 1)
     x = torch.where(flip_on, x.flip(3), x)
     mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)

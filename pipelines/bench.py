@@ -4,7 +4,9 @@
                               [--workers 2] [--global-size 224 --local-crops 6 --local-size 96] [--json out.json]
 
 Without --data it writes 256 synthetic colour JPEGs of ImageNet's typical size (500 x 375) once to
-data/bench_jpeg. Every backend gets the same folder, batch, recipe and number of workers/threads;
+data/bench_jpeg. The ffcv rows read <data>.beton (converted once, jpg, max resolution 512); ffcv8 is
+the same FFCV pipeline decoding the JPEG again for every crop (the cost of 8 decoders); the -crop
+rows stop after FFCV's decode + crop stage (no tensor augmentations). Every backend gets the same folder, batch, recipe and number of workers/threads;
 one warm-up batch is excluded. Prints a table and JSON.
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-BACKENDS = ("reference", "dali")
+BACKENDS = ("reference", "dali", "ffcv", "ffcv8", "ffcv-crop", "ffcv8-crop")
 
 
 def write_bench_images(root: Path, count: int = 256, size=(500, 375)) -> Path:
@@ -52,6 +54,19 @@ def build(backend: str, cfg):
         from pipelines.dali import build_dali_loader
 
         return build_dali_loader(cfg, 0, 0, 1)
+    if backend.startswith("ffcv"):  # ffcv8: decoding once per crop (8 decodes); -crop: no tensor augmentations
+        from dataclasses import replace
+
+        from pipelines.ffcv import FFCVMultiCropLoader
+
+        beton = Path(cfg.train_dir).with_suffix(".beton")
+        if not beton.is_file():
+            from pipelines.convert import convert
+
+            convert(cfg.train_dir, str(beton), workers=cfg.workers, quiet=True)
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        return FFCVMultiCropLoader(replace(cfg, backend="ffcv", beton=str(beton)), 0, 0, 1, device,
+                                   decode_each_crop=backend.startswith("ffcv8"), augment=not backend.endswith("-crop"))
     raise SystemExit(f"error: --backend: unknown {backend!r}; choose from {', '.join(BACKENDS)}")
 
 
@@ -86,7 +101,7 @@ def main(argv=None) -> int:
     from wcl_fast.config import DataConfig
 
     parser = argparse.ArgumentParser(prog="python -m pipelines.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--backend", default=",".join(BACKENDS))
+    parser.add_argument("--backend", default="reference,dali,ffcv", help=f"comma-separated, from {', '.join(BACKENDS)}")
     parser.add_argument("--data", default=None, help="ImageFolder to read (default: synthetic JPEGs in data/bench_jpeg)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--batches", type=int, default=6)

@@ -41,8 +41,10 @@ def _import_ffcv():
                           "or apt-get install pkg-config libturbojpeg0-dev libopencv-dev && pip install ffcv==1.0.2") from None
 
 
-def make_decoder(sizes: list[int], scales: list[tuple[float, float]], seed: int):
-    """A MultiCropDecoder operation class instance (built lazily: FFCV is an optional dependency)."""
+def make_decoder(sizes: list[int], scales: list[tuple[float, float]], seed: int, decode_each_crop: bool = False):
+    """A MultiCropDecoder operation instance (built lazily: FFCV is an optional dependency).
+    decode_each_crop=True decodes the JPEG again for every crop: the cost of 8 separate decoders,
+    kept only as the baseline of `python -m pipelines.bench --backend ffcv8`."""
     from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder, get_random_crop
     from ffcv.libffcv import imdecode, resize_crop
     from ffcv.pipeline.allocation_query import AllocationQuery
@@ -74,6 +76,7 @@ def make_decoder(sizes: list[int], scales: list[tuple[float, float]], seed: int)
             resize_crop_c = Compiler.compile(resize_crop)
             get_crop_c = Compiler.compile(get_random_crop)
             sizes, offsets, scales, seed = self.sizes, self.offsets, self.scales, self.seed
+            redecode = decode_each_crop
             ratio = np.array([3.0 / 4.0, 4.0 / 3.0])
             num_crops = len(sizes)
 
@@ -95,6 +98,8 @@ def make_decoder(sizes: list[int], scales: list[tuple[float, float]], seed: int)
                         image = image_data.reshape(height, width, 3)
                     out = destination[dst_ix]
                     for c in range(num_crops):  # ... crop many
+                        if redecode and c > 0 and field["mode"] == jpg:
+                            imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
                         i, j, h, w = get_crop_c(height, width, scales[c], ratio)
                         size = sizes[c]
                         view = out[offsets[c]:offsets[c + 1]].reshape(size, size, 3)
@@ -129,8 +134,11 @@ def make_order(sampler: StepSampler):
 class FFCVMultiCropLoader:
     """Same interface as the other backends: len() = steps per epoch, .epoch(e, start_step), .num_samples."""
 
-    def __init__(self, cfg: DataConfig, seed: int, rank: int, world: int, device: torch.device | None = None):
+    def __init__(self, cfg: DataConfig, seed: int, rank: int, world: int, device: torch.device | None = None,
+                 decode_each_crop: bool = False, augment: bool = True):
+        """augment=False skips the tensor augmentations (crops only, un-normalised): loader benchmarks."""
         _import_ffcv()
+        self.decode_each_crop, self.augment = decode_each_crop, augment
         from ffcv.reader import Reader
 
         if not cfg.beton or not Path(cfg.beton).is_file():
@@ -162,7 +170,7 @@ class FFCVMultiCropLoader:
             self._order = make_order(self.sampler)
             self._loader = Loader(self.cfg.beton, batch_size=self.local_batch, num_workers=max(1, self.cfg.workers),
                                   order=self._order, drop_last=True, os_cache=self.cfg.os_cache,
-                                  pipelines={"image": [make_decoder(self.sizes, scales, self.seed)],
+                                  pipelines={"image": [make_decoder(self.sizes, scales, self.seed, self.decode_each_crop)],
                                              "label": [IntDecoder(), ToTensor()], "index": [IntDecoder(), ToTensor()]},
                                   batches_ahead=2)
             self._scales = scales
@@ -183,6 +191,12 @@ class FFCVMultiCropLoader:
                 span = size * size * 3
                 views.append(records[:, offset:offset + span].view(b, size, size, 3))
                 offset += span
+            if not self.augment:
+                crops = [torch.cat(views[:2]).permute(0, 3, 1, 2)] + ([torch.cat(views[2:]).permute(0, 3, 1, 2)]
+                                                                       if self.cfg.local_crops else [None])
+                yield MultiCropBatch(crops[0], crops[1], torch.as_tensor(index).view(-1).long(),
+                                     torch.as_tensor(label).view(-1).long(), 0)
+                continue
             generator = torch.Generator().manual_seed(hash((self.seed, epoch, step, self.rank)) % (2**63))
             globals_ = augment_views(views[:2], global_recipe, self.cfg.mean, self.cfg.std, generator)
             locals_ = (augment_views(views[2:], local_recipe, self.cfg.mean, self.cfg.std, generator)

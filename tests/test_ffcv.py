@@ -166,3 +166,14 @@ def test_odd_images_never_crash_the_loader(tmp_path):
     for epoch in range(2):
         batch = next(loader.epoch(epoch))
         assert torch.isfinite(batch.globals).all() and sorted(batch.index.tolist()) == list(range(6))
+
+
+def test_loader_bench_has_ffcv_rows(digits_beton, tmp_path):
+    from pipelines.bench import main
+
+    out = tmp_path / "bench.json"
+    assert main(["--data", str(digits_beton / "src"), "--batch", "8", "--batches", "2", "--workers", "1",
+                 "--global-size", "24", "--local-crops", "2", "--local-size", "12", "--json", str(out),
+                 "--backend", "reference,ffcv,ffcv-crop,ffcv8-crop"]) == 0
+    rows = {r["backend"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"reference", "ffcv", "ffcv-crop", "ffcv8-crop"} and all(r["samples_per_s"] > 0 for r in rows.values())
