@@ -184,7 +184,8 @@ def test_loader_bench_prints_table_and_json(colour_folder, tmp_path, capsys):
 
     out = tmp_path / "bench.json"
     assert main(["--data", str(colour_folder), "--batch", "10", "--batches", "2", "--workers", "1",
-                 "--global-size", "32", "--local-crops", "2", "--local-size", "16", "--json", str(out)]) == 0
+                 "--global-size", "32", "--local-crops", "2", "--local-size", "16", "--json", str(out),
+                 "--backend", "reference,dali"]) == 0
     result = json.loads(out.read_text())
     assert [r["backend"] for r in result["rows"]] == ["reference", "dali"]
     assert all(r["samples_per_s"] > 0 for r in result["rows"]) and result["rows"][0]["vs_reference"] == 1.0

@@ -242,6 +242,14 @@ def test_elastic_restart_resumes_and_loses_nothing(tmp_path):
 
     straight = launch(tmp_path / "straight", {})
     crashed = launch(tmp_path / "crashed", {"WCL_FAST_CRASH_AT": "1:6"})  # rank 1 dies after step 6 (epoch 1)
+    if crashed.returncode != 0 and "connectFullMesh" in crashed.stderr:
+        # gloo's TCP mesh can time out on a heavily loaded machine (seen only with other jobs running):
+        # an environment failure of the launch, not of the restart semantics; run the scenario once more
+        crashed = launch(tmp_path / "crashed_again", {"WCL_FAST_CRASH_AT": "1:6"})
+        tmp_path = tmp_path / "retry"
+        (tmp_path).mkdir()
+        (tmp_path / "crashed").symlink_to(tmp_path.parent / "crashed_again")
+        (tmp_path / "straight").symlink_to(tmp_path.parent / "straight")
     assert straight.returncode == 0 and crashed.returncode == 0, crashed.stderr[-3000:]
     assert "resumed from" in crashed.stdout + crashed.stderr
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
