@@ -68,6 +68,13 @@ def build_eval_loader(data_cfg, directory: str, key: str, batch_size: int, rank:
         from pipelines.dali import build_dali_eval_loader
 
         return build_dali_eval_loader(data_cfg, directory, key, batch_size, rank, world)
+    beton = {"data.val_dir": data_cfg.val_beton, "data.train_dir": data_cfg.beton}.get(key, "")
+    if data_cfg.backend == "ffcv" and beton:  # else: the ImageFolder with the reference transform
+        from pipelines.ffcv import FFCVEvalLoader
+
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        loader = FFCVEvalLoader(data_cfg, beton, batch_size, rank, world, device)
+        return loader, loader.count, len(loader.classes)
     from pipelines.reference import build_eval_loader as reference_eval_loader
 
     return reference_eval_loader(data_cfg, directory, key, batch_size, rank, world, pin_memory)

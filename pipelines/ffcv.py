@@ -112,8 +112,9 @@ def make_decoder(sizes: list[int], scales: list[tuple[float, float]], seed: int,
     return MultiCropDecoder()
 
 
-def make_order(sampler: StepSampler):
-    """A TraversalOrder that yields this rank's samples of an epoch in StepSampler order (from start_step)."""
+def make_order(sampler: StepSampler, ids: list[int] | None = None):
+    """A TraversalOrder that yields this rank's samples of an epoch in StepSampler order (from start_step);
+    ids maps sampler positions to record ids (a fine-tuning label subset)."""
     from ffcv.traversal_order.base import TraversalOrder
 
     class StepOrder(TraversalOrder):
@@ -126,7 +127,8 @@ def make_order(sampler: StepSampler):
 
         def sample_order(self, epoch: int):
             sampler.set_epoch(epoch, self.start_step)
-            return np.array([index for keys in sampler for _, index in keys], dtype=np.uint64)
+            order = [index for keys in sampler for _, index in keys]
+            return np.array([ids[i] for i in order] if ids is not None else order, dtype=np.uint64)
 
     return StepOrder()
 
@@ -203,3 +205,115 @@ class FFCVMultiCropLoader:
                        if self.cfg.local_crops else None)
             yield MultiCropBatch(globals_, locals_, torch.as_tensor(index).view(-1).long(),
                                  torch.as_tensor(label).view(-1).long(), 0)
+
+
+def _normalise(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 [b, H, W, 3] -> normalised float [b, 3, H, W], channels-last."""
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)
+    mean_t = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return ((x - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
+
+
+def beton_classes(beton: str) -> list[str] | None:
+    side = Path(beton + ".json")
+    if side.is_file():
+        import json
+
+        return json.loads(side.read_text())["classes"]
+    return None
+
+
+class FFCVEvalLoader:
+    """Evaluation transform over a .beton, this rank's contiguous unpadded shard in record order: the
+    central square of side eval_crop / eval_resize of the short side (FFCV's CenterCropRGBImageDecoder:
+    crop, then resize to eval_crop; the reference resizes first, then crops the same region), normalised."""
+
+    def __init__(self, cfg: DataConfig, beton: str, batch_size: int, rank: int, world: int,
+                 device: torch.device | None = None):
+        _import_ffcv()
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.reader import Reader
+
+        from pipelines.reference import shard_range
+
+        if not Path(beton).is_file():
+            raise ConfigError(f"data.val_beton / data.beton: '{beton}' is not a file; write it with python -m pipelines.convert")
+        self.cfg, self.device = cfg, device or torch.device("cpu")
+        self.count = Reader(beton).num_samples
+        shard = list(shard_range(self.count, rank, world))
+        self.batches = (len(shard) + batch_size - 1) // batch_size
+        crop = (cfg.eval_crop, cfg.eval_crop)
+        from ffcv.transforms import ToTensor
+
+        self.loader = Loader(beton, batch_size=batch_size, num_workers=max(1, cfg.workers), order=OrderOption.SEQUENTIAL,
+                             indices=shard, drop_last=False, os_cache=cfg.os_cache,
+                             pipelines={"image": [CenterCropRGBImageDecoder(crop, ratio=cfg.eval_crop / cfg.eval_resize)],
+                                        "label": [IntDecoder(), ToTensor()], "index": [IntDecoder(), ToTensor()]})
+        labels = Reader(beton).metadata["f1"]
+        self.classes = beton_classes(beton) or [str(c) for c in range(int(labels.max()) + 1)]
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self):
+        for images, label, index in self.loader:
+            images = torch.as_tensor(images).to(self.device, non_blocking=True)
+            yield MultiCropBatch(_normalise(images, self.cfg.mean, self.cfg.std), None,
+                                 torch.as_tensor(index).view(-1).long(), torch.as_tensor(label).view(-1).long(), 0)
+
+
+class FFCVLinearLoader:
+    """The linear-probe / fine-tuning training view over a .beton: RandomResizedCrop (0.08, 1) (FFCV's
+    decoder, numba generator) + flip (torch generator of (seed, epoch, step, rank)), StepSampler order."""
+
+    def __init__(self, cfg: DataConfig, seed: int, rank: int, world: int, batch_size: int,
+                 subset: list[int] | None = None, device: torch.device | None = None):
+        _import_ffcv()
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+        from ffcv.loader import Loader
+        from ffcv.reader import Reader
+        from ffcv.transforms import ToTensor
+
+        self.cfg, self.seed, self.rank = cfg, seed, rank
+        self.device = device or torch.device("cpu")
+        count = len(subset) if subset is not None else Reader(cfg.beton).num_samples
+        self.sampler = StepSampler(count, batch_size, rank, world, seed)
+        self._order = make_order(self.sampler, subset)
+        size = (cfg.global_size, cfg.global_size)
+        self.loader = Loader(cfg.beton, batch_size=batch_size // world, num_workers=max(1, cfg.workers), order=self._order,
+                             drop_last=True, os_cache=cfg.os_cache,
+                             pipelines={"image": [RandomResizedCropRGBImageDecoder(size, scale=(0.08, 1.0))],
+                                        "label": [IntDecoder(), ToTensor()], "index": [IntDecoder(), ToTensor()]})
+
+    def __len__(self) -> int:
+        return self.sampler.steps_per_epoch
+
+    def epoch(self, epoch: int, start_step: int = 0):
+        self._order.start_step = start_step
+        self.loader.next_epoch = epoch
+        for step, (images, label, index) in enumerate(self.loader, start=start_step):
+            images = torch.as_tensor(images).to(self.device, non_blocking=True)
+            generator = torch.Generator().manual_seed(hash((self.seed, epoch, step, self.rank, 7)) % (2**63))
+            flip = (torch.rand(images.shape[0], generator=generator) < 0.5).to(images.device).view(-1, 1, 1, 1)
+            x = _normalise(images, self.cfg.mean, self.cfg.std)
+            yield MultiCropBatch(torch.where(flip, x.flip(3), x).contiguous(memory_format=torch.channels_last), None,
+                                 torch.as_tensor(index).view(-1).long(), torch.as_tensor(label).view(-1).long(), 0)
+
+
+def beton_samples(beton: str) -> tuple[list[tuple[str, int]], list[str], str]:
+    """(samples [(source path, label)] in record order, class names, source folder) of a .beton from its
+    sidecar JSON (written by pipelines.convert) and its label field."""
+    import json
+
+    from ffcv.reader import Reader
+
+    side = Path(beton + ".json")
+    if not side.is_file():
+        raise ConfigError(f"data.beton: '{beton}' has no sidecar '{side}'; write the file with python -m pipelines.convert")
+    info = json.loads(side.read_text())
+    labels = Reader(beton).metadata["f1"].tolist()
+    return [(str(Path(info["source"]) / p), int(l)) for p, l in zip(info["paths"], labels)], info["classes"], info["source"]

@@ -177,3 +177,47 @@ def test_loader_bench_has_ffcv_rows(digits_beton, tmp_path):
                  "--backend", "reference,ffcv,ffcv-crop,ffcv8-crop"]) == 0
     rows = {r["backend"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"reference", "ffcv", "ffcv-crop", "ffcv8-crop"} and all(r["samples_per_s"] > 0 for r in rows.values())
+
+
+def test_evaluation_on_betons_matches_the_reference_transform(digits_beton, tmp_path):
+    """Eval transform over a .beton (centre crop then resize) vs the reference (resize then centre crop)
+    on the same images; 2 ranks cover the set exactly once; kNN, linear probe and fine-tuning run on FFCV."""
+    from pipelines import build_eval_loader
+    from pipelines.reference import build_eval_loader as reference_eval
+    from wcl_fast.config import load_config
+    from wcl_fast.finetune import finetune
+    from wcl_fast.knn import evaluate_knn
+    from wcl_fast.linear import train_linear
+    from wcl_fast.model import build_model
+
+    beton = str(digits_beton / "digits.beton")
+    cfg = _cfg(beton, val_beton=beton, eval_resize=32, eval_crop=28, train_dir="")
+    seen = []
+    side = json.loads((digits_beton / "digits.beton.json").read_text())
+    ref_cfg = _cfg(beton, backend="reference", eval_resize=32, eval_crop=28, workers=0)
+    for rank in range(2):
+        loader, count, classes = build_eval_loader(cfg, "", "data.val_dir", 10, rank, 2)
+        assert (count, classes) == (64, 4) and len(loader) == 4  # 32 per rank: 10 + 10 + 10 + 2
+        ref_loader, _, _ = reference_eval(ref_cfg, str(digits_beton / "src"), "data.val_dir", 10, rank, 2, False)
+        for ours, theirs in zip(loader, ref_loader):
+            assert ours.globals.shape == theirs.globals.shape and ours.globals.is_contiguous(memory_format=torch.channels_last)
+            assert ours.label.tolist() == theirs.label.tolist()
+            assert [side["paths"][i] for i in ours.index.tolist()] == \
+                [str(Path(p).relative_to(digits_beton / "src")) for p, _ in
+                 [ref_loader.dataset.dataset.source.samples[i] for i in theirs.index.tolist()]]
+            per_image = (ours.globals - theirs.globals).abs().flatten(1).mean(1)
+            # the same region, resampled by OpenCV (crop then resize) vs PIL (resize then crop): sharp digit edges
+            assert per_image.max() < 0.25 and per_image.mean() < 0.12, per_image
+            seen += ours.index.tolist()
+    assert sorted(seen) == list(range(64))
+
+    overrides = ["data.backend=ffcv", f"data.beton={beton}", f"data.val_beton={beton}", "data.workers=1",
+                 "data.global_size=24", "data.eval_resize=32", "data.eval_crop=28", "model.arch=resnet18",
+                 "train.precision=fp32", "linear.epochs=1", "linear.batch_size=16", "knn.batch_size=16", "knn.k=5",
+                 "finetune.epochs=1", "finetune.batch_size=8", "finetune.label_fraction=0.25"]
+    torch.manual_seed(0)
+    assert evaluate_knn(build_model(load_config(None, overrides).model).net, load_config(None, overrides),
+                        torch.device("cpu"))["count"] == 64
+    assert train_linear(load_config(None, overrides))["val_count"] == 64
+    tuned = finetune(load_config(None, overrides))
+    assert tuned["val_count"] == 64 and tuned["labelled"] == 16

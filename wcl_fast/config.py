@@ -25,6 +25,7 @@ class DataConfig:
     backend: Literal["reference", "synthetic", "dali", "ffcv"] = "reference"  # dali / ffcv: pipelines/dali.py, pipelines/ffcv.py
     train_dir: str = ""  # ImageFolder: one sub-folder per class
     beton: str = ""  # backend ffcv: the training .beton (python -m pipelines.convert)
+    val_beton: str = ""  # backend ffcv: the validation .beton for evaluation ("" = read data.val_dir)
     os_cache: bool = True  # backend ffcv: read through the OS page cache (False: FFCV's own process cache)
     val_dir: str = ""  # ImageFolder used as the kNN / evaluation test split
     batch_size: int = 4096  # global batch (all ranks together)
@@ -367,10 +368,12 @@ def check_paths(cfg: Config, need_val: bool | None = None) -> None:
         raise ConfigError(f"data.beton: '{cfg.data.beton}' is not a file; write one with python -m pipelines.convert "
                           f"--src /path/to/train --out train.beton and set data.beton=train.beton")
     need_val = (cfg.knn.at_end or cfg.knn.every_epochs > 0) if need_val is None else need_val
-    # ffcv trains from data.beton; the ImageFolders are needed for evaluation (kNN memory bank, test set) only
-    train_needed = cfg.data.backend != "ffcv" or need_val
-    keys = ([("data.train_dir", cfg.data.train_dir)] if train_needed else []) + \
-        ([("data.val_dir", cfg.data.val_dir)] if need_val else [])
+    # ffcv reads data.beton (training, kNN memory bank) and data.val_beton when set (else data.val_dir)
+    ffcv = cfg.data.backend == "ffcv"
+    if ffcv and cfg.data.val_beton and not Path(cfg.data.val_beton).is_file():
+        raise ConfigError(f"data.val_beton: '{cfg.data.val_beton}' is not a file; write it with python -m pipelines.convert")
+    keys = ([] if ffcv else [("data.train_dir", cfg.data.train_dir)]) + \
+        ([("data.val_dir", cfg.data.val_dir)] if need_val and not (ffcv and cfg.data.val_beton) else [])
     for key, value in keys:
         if not value:
             raise ConfigError(f"config key '{key}' is empty; set {key}=/path/to/imagefolder (one sub-folder per class)")

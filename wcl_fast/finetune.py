@@ -82,9 +82,15 @@ def finetune(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
     ctx = ctx or wdist.init_distributed()
     device, ft = ctx.device, cfg.finetune
     torch.manual_seed(cfg.train.seed)
-    samples, classes = scan_image_folder(cfg.data.train_dir, "data.train_dir")
+    if cfg.data.backend == "ffcv":  # records of data.beton, paths from its sidecar
+        from pipelines.ffcv import beton_samples
+
+        samples, classes, root = beton_samples(cfg.data.beton)
+    else:
+        samples, classes = scan_image_folder(cfg.data.train_dir, "data.train_dir")
+        root = cfg.data.train_dir
     if ft.subset_file:
-        subset = read_subset_file(ft.subset_file, samples, cfg.data.train_dir)
+        subset = read_subset_file(ft.subset_file, samples, root)
     else:
         subset = balanced_subset([label for _, label in samples], ft.label_fraction, cfg.train.seed)
     encoder = load_encoder(cfg, device, checkpoint=ft.checkpoint)
@@ -100,7 +106,12 @@ def finetune(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
     net = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
            if ctx.distributed else model)
     pin = device.type == "cuda"
-    if cfg.data.backend == "dali":  # the same crop choices, decoded and cut in DALI
+    if cfg.data.backend == "ffcv":
+        from pipelines.ffcv import FFCVLinearLoader
+
+        loader = FFCVLinearLoader(cfg.data, cfg.train.seed, ctx.rank, ctx.world_size, ft.batch_size, subset=subset,
+                                  device=device)
+    elif cfg.data.backend == "dali":  # the same crop choices, decoded and cut in DALI
         from pipelines.dali import DaliMultiCropLoader
 
         loader = DaliMultiCropLoader(cfg.data, cfg.train.seed, ctx.rank, ctx.world_size,

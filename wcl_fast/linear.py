@@ -113,7 +113,12 @@ def train_linear(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
         sampler = StepSampler(n_train, lin.batch_size, 0, 1, cfg.train.seed)
         model = classifier
     else:
-        if cfg.data.backend == "dali":  # the same crop choices, decoded and cut in DALI
+        if cfg.data.backend == "ffcv":  # RandomResizedCrop in FFCV's decoder, flip on the device
+            from pipelines.ffcv import FFCVLinearLoader
+
+            loader = FFCVLinearLoader(cfg.data, cfg.train.seed, ctx.rank, ctx.world_size, lin.batch_size, device=device)
+            sampler = loader.sampler
+        elif cfg.data.backend == "dali":  # the same crop choices, decoded and cut in DALI
             from pipelines.dali import DaliMultiCropLoader
 
             loader = DaliMultiCropLoader(cfg.data, cfg.train.seed, ctx.rank, ctx.world_size,
