@@ -238,7 +238,7 @@ def test_elastic_restart_resumes_and_loses_nothing(tmp_path):
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
              "--max-restarts", "3", "-m", "wcl_fast.train", "--config", str(SMOKE), f"train.out_dir={out_dir}",
              "train.epochs=2", "data.workers=0", "train.resume=auto", "train.log_interval=1"],
-            cwd=ROOT, env={**env, **extra_env}, capture_output=True, text=True, timeout=600)
+            cwd=ROOT, env={**env, **extra_env}, capture_output=True, text=True, timeout=240)
 
     straight = launch(tmp_path / "straight", {})
     crashed = launch(tmp_path / "crashed", {"WCL_FAST_CRASH_AT": "1:6"})  # rank 1 dies after step 6 (epoch 1)

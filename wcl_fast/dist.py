@@ -39,10 +39,33 @@ def init_distributed() -> DistContext:
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        store = _attempt_store(rank, world_size)
+        if store is not None:
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
+        else:
+            dist.init_process_group(backend=backend)
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def _attempt_store(rank: int, world: int):
+    """Under torchrun: the rendezvous store, prefixed by run id and restart attempt.
+
+    After an elastic restart the workers of the new attempt can otherwise read the process-group
+    addresses that the previous attempt's (dead) workers left in a reused store and wait on them
+    (gloo connectFullMesh hangs or times out); a per-attempt prefix makes every attempt's keys new.
+    """
+    if "TORCHELASTIC_RESTART_COUNT" not in os.environ or "MASTER_ADDR" not in os.environ:
+        return None
+    from datetime import timedelta
+
+    use_agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not use_agent_store and rank == 0, timeout=timedelta(minutes=30))
+    prefix = f"wcl_fast/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}"
+    return dist.PrefixStore(prefix, store)
 
 
 def world_size() -> int:
