@@ -21,7 +21,6 @@ decoding, replaced by the next readable sample, counted in `batch.failed` and na
 from __future__ import annotations
 
 import io
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -29,8 +28,7 @@ import torch
 from PIL import Image
 
 from pipelines.batch import MultiCropBatch
-from pipelines.reference import (MAX_SUBSTITUTIONS, StepSampler, crop_recipes, draw_crop_params,
-                                 scan_image_folder)
+from pipelines.reference import ImageSource, StepSampler, crop_recipes, draw_crop_params, scan_image_folder
 from wcl_fast.config import ConfigError, DataConfig
 
 # per-crop parameter vector fed to the graph
@@ -51,22 +49,19 @@ def _import_dali():
                           "(or the wheel matching your CUDA); it also runs on the CPU") from None
 
 
-def read_checked(path: str) -> tuple[np.ndarray, int, int] | None:
-    """(encoded bytes, width, height) of a file that looks decodable, else None: the header must parse
-    and a JPEG must end with its EOI marker (a truncated JPEG decodes to garbage or fails in DALI)."""
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-        with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
-            kind = img.format
-        if kind == "JPEG" and b"\xff\xd9" not in data[-4096:]:
-            return None
-        if width < 1 or height < 1:
-            return None
-        return np.frombuffer(data, dtype=np.uint8), width, height
-    except Exception:
-        return None
+def read_encoded(path: str) -> tuple[np.ndarray, int, int]:
+    """(encoded bytes, width, height) of a file that looks decodable; raises otherwise: the header must
+    parse and a JPEG must end with its EOI marker (a truncated JPEG decodes to garbage or fails in DALI)."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    with Image.open(io.BytesIO(data)) as img:
+        width, height = img.size
+        kind = img.format
+    if kind == "JPEG" and b"\xff\xd9" not in data[-4096:]:
+        raise ValueError("truncated JPEG (no end-of-image marker)")
+    if width < 1 or height < 1:
+        raise ValueError(f"empty image ({width} x {height})")
+    return np.frombuffer(data, dtype=np.uint8), width, height
 
 
 def crop_param_vector(params, width: int, height: int) -> np.ndarray:
@@ -176,6 +171,7 @@ class DaliMultiCropLoader:
         _import_dali()
         self.cfg, self.seed, self.linear = cfg, seed, linear
         self.samples, _ = scan_image_folder(cfg.train_dir, "data.train_dir")
+        self.source = ImageSource(self.samples, decode=read_encoded)
         self.subset = subset
         batch_size = batch_size or cfg.batch_size
         self.sampler = StepSampler(len(subset) if subset is not None else len(self.samples), batch_size, rank, world, seed)
@@ -190,7 +186,6 @@ class DaliMultiCropLoader:
         self.pool = ThreadPoolExecutor(max(1, cfg.workers))  # file reads
         self.prefetch = ThreadPoolExecutor(1)  # prepares the next batch (never waits on itself)
         self.failed_total = 0
-        self._warned = 0
 
     def __len__(self) -> int:
         return self.sampler.steps_per_epoch
@@ -201,18 +196,8 @@ class DaliMultiCropLoader:
 
     def _read(self, index: int):
         """(bytes, width, height, actual index, label, substitutions) with unreadable files skipped."""
-        for attempt in range(MAX_SUBSTITUTIONS):
-            actual = (index + attempt) % len(self.samples)
-            path, label = self.samples[actual]
-            got = read_checked(path)
-            if got is not None:
-                return (*got, actual, label, attempt)
-            if self._warned < 20:
-                self._warned += 1
-                print(f"warning: skipped unreadable image '{path}' (not decodable or truncated); "
-                      f"using the next sample instead", file=sys.stderr)
-        raise RuntimeError(f"{MAX_SUBSTITUTIONS} consecutive unreadable images from sample {index} "
-                           f"('{self.samples[index][0]}'); check the dataset")
+        (data, width, height), actual, label, skipped = self.source.read(index)
+        return data, width, height, actual, label, skipped
 
     def _prepare(self, keys: list[tuple[int, int]]):
         epoch = keys[0][0]
@@ -340,7 +325,7 @@ class DaliEvalLoader:
         self.pipe = build_eval_pipeline(batch_size, cfg.eval_crop, cfg.mean, cfg.std, max(1, cfg.workers), device_id)
         self.pipe.build()
         self.pool = ThreadPoolExecutor(max(1, cfg.workers))
-        self._warned = 0
+        self.source = ImageSource(self.samples, decode=read_encoded)
 
     def __len__(self) -> int:
         return (len(self.indices) + self.batch_size - 1) // self.batch_size

@@ -183,22 +183,24 @@ def load_rgb(path: str) -> Image.Image:
 
 
 class ImageSource:
-    """Reads samples of an ImageFolder; an unreadable file is replaced by the next readable sample."""
+    """Reads samples of an ImageFolder; an unreadable file is replaced by the next readable sample.
+    decode(path) returns what a reader needs (default: the RGB image) and raises when the file is unusable."""
 
-    def __init__(self, samples: list[tuple[str, int]]):
+    def __init__(self, samples: list[tuple[str, int]], decode=None):
         self.samples = samples
+        self.decode = decode or load_rgb
         self._warned = 0
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def read(self, index: int) -> tuple[Image.Image, int, int, int]:
-        """(image, actual index, label, number of unreadable files skipped)."""
+        """(decoded image, actual index, label, number of unreadable files skipped)."""
         for attempt in range(MAX_SUBSTITUTIONS):
             actual = (index + attempt) % len(self.samples)
             path, label = self.samples[actual]
             try:
-                return load_rgb(path), actual, label, attempt
+                return self.decode(path), actual, label, attempt
             except Exception as exc:  # any decoder failure: count it, warn, and use the next sample
                 if self._warned < 20:
                     self._warned += 1
