@@ -236,23 +236,23 @@ class FFCVEvalLoader:
         from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.reader import Reader
+        from ffcv.transforms import ToTensor
 
         from pipelines.reference import shard_range
 
         if not Path(beton).is_file():
             raise ConfigError(f"data.val_beton / data.beton: '{beton}' is not a file; write it with python -m pipelines.convert")
         self.cfg, self.device = cfg, device or torch.device("cpu")
-        self.count = Reader(beton).num_samples
+        reader = Reader(beton)  # header + metadata once: count and labels
+        self.count = reader.num_samples
         shard = list(shard_range(self.count, rank, world))
         self.batches = (len(shard) + batch_size - 1) // batch_size
         crop = (cfg.eval_crop, cfg.eval_crop)
-        from ffcv.transforms import ToTensor
-
         self.loader = Loader(beton, batch_size=batch_size, num_workers=max(1, cfg.workers), order=OrderOption.SEQUENTIAL,
                              indices=shard, drop_last=False, os_cache=cfg.os_cache,
                              pipelines={"image": [CenterCropRGBImageDecoder(crop, ratio=cfg.eval_crop / cfg.eval_resize)],
                                         "label": [IntDecoder(), ToTensor()], "index": [IntDecoder(), ToTensor()]})
-        labels = Reader(beton).metadata["f1"]
+        labels = reader.metadata["f1"]
         self.classes = beton_classes(beton) or [str(c) for c in range(int(labels.max()) + 1)]
 
     def __len__(self) -> int:
