@@ -85,29 +85,66 @@ def _apply_where(x, mask, op, arg):
     return x
 
 
-def augment_views(views: list[torch.Tensor], recipe, mean, std, generator: torch.Generator) -> torch.Tensor:
-    """uint8 crops [b, S, S, 3] per view -> augmented, normalised float [V*b, 3, S, S] (channels-last)."""
-    x = torch.cat(views).permute(0, 3, 1, 2).float().div_(255.0)  # view-major, channels-last strides
-    n, device = x.shape[0], x.device
+def draw_params(n: int, recipe, generator: torch.Generator) -> torch.Tensor:
+    """The random choices of n crops as the [n, NUM_PARAMS] float32 vector of pipelines/cpu_augment.py
+    (CPU), drawn from `generator` in a fixed order: jitter coin, 4 factors, operation order, gray coin,
+    blur sigma, blur coin, flip coin."""
+    from pipelines import cpu_augment as C
 
     def draw(*shape):
-        return _dev(torch.rand(*shape, generator=generator), device)
+        return torch.rand(*shape, generator=generator)
 
     b, c, s, h = recipe.jitter
-    jitter_on = draw(n) < recipe.jitter_p
+    p = torch.zeros(n, C.NUM_PARAMS)
+    p[:, C.P_JITTER] = (draw(n) < recipe.jitter_p).float()
     u = draw(n, 4)
-    factors = [max(0.0, 1 - b) + u[:, 0] * (1 + b - max(0.0, 1 - b)), max(0.0, 1 - c) + u[:, 1] * (1 + c - max(0.0, 1 - c)),
-               max(0.0, 1 - s) + u[:, 2] * (1 + s - max(0.0, 1 - s)), -h + u[:, 3] * 2 * h]
-    order = draw(n, 4).argsort(dim=1)  # a random permutation of the 4 operations per crop
+    lo = torch.tensor([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h])
+    hi = torch.tensor([1 + b, 1 + c, 1 + s, h])
+    p[:, C.P_FACTORS] = lo + u * (hi - lo)
+    p[:, C.P_ORDER] = draw(n, 4).argsort(dim=1).float()  # a random permutation of the 4 operations per crop
+    p[:, C.P_GRAY] = (draw(n) < recipe.gray_p).float()
+    p[:, C.P_SIGMA] = recipe.blur_sigma[0] + draw(n) * (recipe.blur_sigma[1] - recipe.blur_sigma[0])
+    p[:, C.P_BLUR] = (draw(n) < recipe.blur_p).float()
+    p[:, C.P_FLIP] = (draw(n) < recipe.flip_p).float()
+    return p
+
+
+def apply_params(x: torch.Tensor, p: torch.Tensor, mean, std) -> torch.Tensor:
+    """Batched tensor ops: float [n, 3, S, S] in [0, 1] and params [n, NUM_PARAMS] on x's device ->
+    augmented, normalised, channels-last."""
+    from pipelines import cpu_augment as C
+
+    device = x.device
+    jitter_on = p[:, C.P_JITTER] > 0.5
+    factors = p[:, C.P_FACTORS].unbind(1)
+    order = p[:, C.P_ORDER].round().long()
     ops = (brightness, contrast, saturation, hue)
     for slot in range(4):
         for op_id, op in enumerate(ops):
             x = _apply_where(x, jitter_on & (order[:, slot] == op_id), op, factors[op_id])
-    x = _apply_where(x, draw(n) < recipe.gray_p, lambda v, _: gray(v).expand_as(v).contiguous(), factors[0])
-    sigma = recipe.blur_sigma[0] + draw(n) * (recipe.blur_sigma[1] - recipe.blur_sigma[0])
-    x = _apply_where(x, draw(n) < recipe.blur_p, gaussian_blur, sigma)
-    flip_on = (draw(n) < recipe.flip_p).view(-1, 1, 1, 1)
-    x = torch.where(flip_on, x.flip(3), x)
+    x = _apply_where(x, p[:, C.P_GRAY] > 0.5, lambda v, _: gray(v).expand_as(v).contiguous(), factors[0])
+    x = _apply_where(x, p[:, C.P_BLUR] > 0.5, gaussian_blur, p[:, C.P_SIGMA].contiguous())
+    x = torch.where((p[:, C.P_FLIP] > 0.5).view(-1, 1, 1, 1), x.flip(3), x)
     mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
     return ((x - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
+
+
+def augment_views(views: list[torch.Tensor], recipe, mean, std, generator: torch.Generator, impl: str = "auto",
+                  threads: int | None = None) -> torch.Tensor:
+    """uint8 crops [b, S, S, 3] per view -> augmented, normalised float [V*b, 3, S, S] (channels-last),
+    view-major. impl "torch": batched tensor ops on the views' device (the GPU path); "fused": the
+    numba kernel of pipelines/cpu_augment.py (CPU tensors only); "auto": fused on the CPU when numba is
+    installed, torch otherwise. Both make the same random choices from `generator`."""
+    from pipelines import cpu_augment as C
+
+    device = views[0].device
+    p = draw_params(sum(v.shape[0] for v in views), recipe, generator)
+    if impl == "auto":
+        impl = "fused" if device.type == "cpu" and C.available() else "torch"
+    if impl == "fused":
+        return C.augment_crops(views, p.numpy(), mean, std, quantize=False, radius=BLUR_RADIUS, threads=threads)
+    if impl != "torch":
+        raise ValueError(f"impl: unknown {impl!r}; choose auto, torch or fused")
+    x = torch.cat(views).permute(0, 3, 1, 2).float().div_(255.0)  # view-major, channels-last strides
+    return apply_params(x, _dev(p, device), mean, std)

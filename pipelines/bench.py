@@ -6,12 +6,16 @@
 Without --data it writes 256 synthetic colour JPEGs of ImageNet's typical size (500 x 375) once to
 data/bench_jpeg. The ffcv rows read <data>.beton (converted once, jpg, max resolution 512); ffcv8 is
 the same FFCV pipeline decoding the JPEG again for every crop (the cost of 8 decoders); the -crop
-rows stop after FFCV's decode + crop stage (no tensor augmentations). Every backend gets the same folder, batch, recipe and number of workers/threads;
-one warm-up batch is excluded. Prints a table and JSON.
+rows stop after FFCV's decode + crop stage (no tensor augmentations). Augmentations run where each
+loader runs them by default (GPU: DALI graph / batched tensor ops; CPU: the fused kernel of
+pipelines/cpu_augment.py); dali-graph and ffcv-torch force the GPU-style path on any device.
+Every backend gets the same folder, batch, recipe and number of workers/threads; one warm-up batch is
+excluded. Prints a table and JSON.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -21,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-BACKENDS = ("reference", "dali", "ffcv", "ffcv8", "ffcv-crop", "ffcv8-crop")
+BACKENDS = ("reference", "dali", "dali-graph", "ffcv", "ffcv-torch", "ffcv8", "ffcv-crop", "ffcv8-crop")
 
 
 def write_bench_images(root: Path, count: int = 256, size=(500, 375)) -> Path:
@@ -50,10 +54,11 @@ def build(backend: str, cfg):
         from pipelines.reference import build_train_loader
 
         return build_train_loader(cfg, 0, 0, 1, pin_memory=torch.cuda.is_available())
-    if backend == "dali":
-        from pipelines.dali import build_dali_loader
+    if backend in ("dali", "dali-graph"):  # dali-graph: the augmentations inside the DALI graph also on the CPU
+        from pipelines.dali import DaliMultiCropLoader
 
-        return build_dali_loader(cfg, 0, 0, 1)
+        device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
+        return DaliMultiCropLoader(cfg, 0, 0, 1, device_id, augment="graph" if backend == "dali-graph" else None)
     if backend.startswith("ffcv"):  # ffcv8: decoding once per crop (8 decodes); -crop: no tensor augmentations
         from dataclasses import replace
 
@@ -66,7 +71,8 @@ def build(backend: str, cfg):
             convert(cfg.train_dir, str(beton), workers=cfg.workers, quiet=True)
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         return FFCVMultiCropLoader(replace(cfg, backend="ffcv", beton=str(beton)), 0, 0, 1, device,
-                                   decode_each_crop=backend.startswith("ffcv8"), augment=not backend.endswith("-crop"))
+                                   decode_each_crop=backend.startswith("ffcv8"), augment=not backend.endswith("-crop"),
+                                   augment_impl="torch" if backend == "ffcv-torch" else "auto")
     raise SystemExit(f"error: --backend: unknown {backend!r}; choose from {', '.join(BACKENDS)}")
 
 
@@ -89,6 +95,10 @@ def measure(backend: str, cfg, batches: int) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         done += 1
+    if hasattr(it, "close"):
+        it.close()  # the loader's helper threads finish before the next backend is measured
+    del it, loader
+    gc.collect()
     measured = sum(times[1:])  # the first batch (worker start-up, graph build) is excluded
     samples = batches * cfg.batch_size
     crops = samples * (2 + cfg.local_crops)

@@ -28,16 +28,11 @@ import torch
 from PIL import Image
 
 from pipelines.batch import MultiCropBatch
+# the per-crop parameter vector fed to the graph (or to the fused CPU kernel)
+from pipelines.cpu_augment import NUM_PARAMS, P_BLUR, P_FACTORS, P_FLIP, P_GRAY, P_JITTER, P_ORDER, P_ROI, P_SIGMA
 from pipelines.reference import ImageSource, StepSampler, crop_recipes, draw_crop_params, scan_image_folder
 from wcl_fast.config import ConfigError, DataConfig
 
-# per-crop parameter vector fed to the graph
-P_ROI = slice(0, 4)  # y0, x0, y1, x1 relative to the decoded image
-P_JITTER = 4  # 1.0 when the jitter is applied
-P_FACTORS = slice(5, 9)  # brightness, contrast, saturation, hue (fraction of a full turn)
-P_ORDER = slice(9, 13)  # the 4 operation ids in application order
-P_GRAY, P_BLUR, P_SIGMA, P_FLIP = 13, 14, 15, 16
-NUM_PARAMS = 17
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL's "L" conversion
 
 
@@ -82,8 +77,9 @@ def crop_param_vector(params, width: int, height: int) -> np.ndarray:
 
 
 def build_pipeline(batch_size: int, num_crops: int, sizes: list[int], mean, std, num_threads: int,
-                   device_id: int | None, seed: int):
-    """The DALI graph: inputs 'jpegs' and 'params{c}' (one per crop), outputs one [B,H,W,3] float per crop."""
+                   device_id: int | None, seed: int, augment: bool = True):
+    """The DALI graph: inputs 'jpegs' and 'params{c}' (one per crop), outputs one [B,H,W,3] float per crop.
+    augment=False: the graph stops after the resize of each crop box (uint8 [B,H,W,3] per crop)."""
     from nvidia.dali import fn, math as dmath, pipeline_def, types
 
     gpu = device_id is not None
@@ -97,6 +93,10 @@ def build_pipeline(batch_size: int, num_crops: int, sizes: list[int], mean, std,
         outputs = []
         for c in range(num_crops):
             p = fn.external_source(name=f"params{c}", dtype=types.FLOAT, ndim=1)
+            if not augment:
+                outputs.append(fn.resize(images, size=[sizes[c], sizes[c]], roi_start=p[0:2], roi_end=p[2:4],
+                                         roi_relative=True, interp_type=types.INTERP_LINEAR, antialias=True))
+                continue
             img = fn.resize(images, size=[sizes[c], sizes[c]], roi_start=p[0:2], roi_end=p[2:4], roi_relative=True,
                             interp_type=types.INTERP_LINEAR, antialias=True, dtype=types.FLOAT)
             img = _color_jitter(img, p, fn, dmath, types, gpu)
@@ -164,7 +164,8 @@ class DaliMultiCropLoader:
     .epoch(e, start_step) -> iterator of MultiCropBatch for this rank, .num_samples."""
 
     def __init__(self, cfg: DataConfig, seed: int, rank: int, world: int, device_id: int | None = None,
-                 linear: bool = False, subset: list[int] | None = None, batch_size: int | None = None):
+                 linear: bool = False, subset: list[int] | None = None, batch_size: int | None = None,
+                 augment: str | None = None):
         """linear=True: the linear-probe / fine-tuning training view instead (one RandomResizedCrop
         (0.08, 1) + flip per image, drawn like wcl_fast.linear.LinearTrainDataset). subset: sample ids
         the sampler ranges over (fine-tuning label subsets). batch_size: global batch (default data.batch_size)."""
@@ -180,11 +181,18 @@ class DaliMultiCropLoader:
         self.num_crops = 1 if linear else 2 + cfg.local_crops
         sizes = [cfg.global_size] * self.num_global + [cfg.local_size] * (self.num_crops - self.num_global)
         self.device_id = device_id
+        augment = augment or cfg.dali_augment
+        if augment == "auto":
+            augment = "graph" if device_id is not None else "host"
+        if augment not in ("graph", "host"):
+            raise ConfigError(f"data.dali_augment: {augment!r} is not one of 'auto', 'graph', 'host'")
+        self.augment = augment
         self.pipe = build_pipeline(self.local_batch, self.num_crops, sizes, cfg.mean, cfg.std,
-                                   max(1, cfg.workers), device_id, seed)
+                                   max(1, cfg.workers), device_id, seed, augment=augment == "graph")
         self.pipe.build()
         self.pool = ThreadPoolExecutor(max(1, cfg.workers))  # file reads
         self.prefetch = ThreadPoolExecutor(1)  # prepares the next batch (never waits on itself)
+        self.finisher = ThreadPoolExecutor(1)  # host augmentation
         self.failed_total = 0
 
     def __len__(self) -> int:
@@ -222,7 +230,9 @@ class DaliMultiCropLoader:
             failed += subs
         return jpegs, params, index, label, failed
 
-    def _run(self, prepared) -> MultiCropBatch:
+    def _run(self, prepared):
+        """Runs the DALI graph on a prepared batch; returns a function that finishes the MultiCropBatch
+        (host augmentation: called on another thread while DALI runs the next batch)."""
         jpegs, params, index, label, failed = prepared
         self.pipe.feed_input("jpegs", jpegs)
         for c in range(self.num_crops):
@@ -232,12 +242,38 @@ class DaliMultiCropLoader:
         except Exception as exc:
             raise RuntimeError(f"DALI failed on a batch of {len(jpegs)} images (first sample index {index[0]}): "
                                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        self.failed_total += failed
+
+        def batch(globals_, locals_):
+            return MultiCropBatch(globals_, locals_, torch.tensor(index, dtype=torch.int64),
+                                  torch.tensor(label, dtype=torch.int64), failed)
+
+        if self.augment == "host":  # DALI's uint8 crops (copied out of its buffers) -> the fused CPU kernel
+            crops = [np.array(out.as_cpu().as_array() if self.device_id is not None else out.as_array())
+                     for out in outputs]
+            return lambda: batch(*self._host_augment(crops, params))
         crops = [_to_torch(out, self.device_id) for out in outputs]  # [b, H, W, 3] each
         globals_ = torch.cat(crops[:self.num_global]).permute(0, 3, 1, 2)  # view-major, channels-last strides
-        locals_ = torch.cat(crops[self.num_global:]).permute(0, 3, 1, 2) if self.num_crops > self.num_global else None
-        self.failed_total += failed
-        return MultiCropBatch(globals_, locals_, torch.tensor(index, dtype=torch.int64),
-                              torch.tensor(label, dtype=torch.int64), failed)
+        locals_ = (torch.cat(crops[self.num_global:]).permute(0, 3, 1, 2)
+                   if self.num_crops > self.num_global else None)
+        return lambda: batch(globals_, locals_)
+
+    def _host_augment(self, crops: list[np.ndarray], params):
+        """The graph's colour / grayscale / blur (window 2 ceil(3 sigma) + 1) / flip / normalisation, with
+        the jitter floored after brightness, contrast and saturation, on DALI's uint8 crops."""
+        from pipelines.cpu_augment import augment_crops
+
+        groups = [range(self.num_global), range(self.num_global, self.num_crops)]
+        result = []
+        for group in groups:
+            if not len(group):
+                result.append(None)
+                continue
+            p = np.concatenate([np.stack(params[c]) for c in group])
+            out = augment_crops([crops[c] for c in group], p, self.cfg.mean, self.cfg.std, quantize=True, radius=0,
+                                threads=max(1, self.cfg.workers))
+            result.append(out.to(torch.device("cuda", self.device_id)) if self.device_id is not None else out)
+        return result[0], result[1]
 
     def epoch(self, epoch: int, start_step: int = 0):
         self.sampler.set_epoch(epoch, start_step)
@@ -245,11 +281,26 @@ class DaliMultiCropLoader:
         if not steps:
             return
         pending = self.prefetch.submit(self._prepare, steps[0])
-        for s in range(len(steps)):
-            prepared = pending.result()
-            if s + 1 < len(steps):  # read and draw the next batch while DALI works on this one
-                pending = self.prefetch.submit(self._prepare, steps[s + 1])
-            yield self._run(prepared)
+        finishing = None  # host augmentation of the previous batch, overlapping DALI's work on this one
+        try:
+            for s in range(len(steps)):
+                prepared = pending.result()
+                if s + 1 < len(steps):  # read and draw the next batch while DALI works on this one
+                    pending = self.prefetch.submit(self._prepare, steps[s + 1])
+                finish = self._run(prepared)
+                if self.augment != "host":
+                    yield finish()
+                    continue
+                previous, finishing = finishing, self.finisher.submit(finish)
+                if previous is not None:
+                    yield previous.result()
+            if finishing is not None:
+                yield finishing.result()
+                finishing = None
+        finally:  # an abandoned epoch leaves no work running on the helper threads
+            for future in (pending, finishing):
+                if future is not None and not future.cancel():
+                    future.exception()
 
 
 def linear_crop_params(seed: int, epoch: int, index: int, width: int, height: int):

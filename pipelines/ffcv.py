@@ -137,10 +137,12 @@ class FFCVMultiCropLoader:
     """Same interface as the other backends: len() = steps per epoch, .epoch(e, start_step), .num_samples."""
 
     def __init__(self, cfg: DataConfig, seed: int, rank: int, world: int, device: torch.device | None = None,
-                 decode_each_crop: bool = False, augment: bool = True):
-        """augment=False skips the tensor augmentations (crops only, un-normalised): loader benchmarks."""
+                 decode_each_crop: bool = False, augment: bool = True, augment_impl: str = "auto"):
+        """augment=False skips the tensor augmentations (crops only, un-normalised): loader benchmarks.
+        augment_impl: pipelines.augment.augment_views' impl (auto: batched tensor ops on a GPU, the fused
+        numba kernel on the CPU; torch: tensor ops everywhere)."""
         _import_ffcv()
-        self.decode_each_crop, self.augment = decode_each_crop, augment
+        self.decode_each_crop, self.augment, self.augment_impl = decode_each_crop, augment, augment_impl
         from ffcv.reader import Reader
 
         if not cfg.beton or not Path(cfg.beton).is_file():
@@ -200,8 +202,9 @@ class FFCVMultiCropLoader:
                                      torch.as_tensor(label).view(-1).long(), 0)
                 continue
             generator = torch.Generator().manual_seed(hash((self.seed, epoch, step, self.rank)) % (2**63))
-            globals_ = augment_views(views[:2], global_recipe, self.cfg.mean, self.cfg.std, generator)
-            locals_ = (augment_views(views[2:], local_recipe, self.cfg.mean, self.cfg.std, generator)
+            kw = dict(impl=self.augment_impl, threads=max(1, self.cfg.workers))
+            globals_ = augment_views(views[:2], global_recipe, self.cfg.mean, self.cfg.std, generator, **kw)
+            locals_ = (augment_views(views[2:], local_recipe, self.cfg.mean, self.cfg.std, generator, **kw)
                        if self.cfg.local_crops else None)
             yield MultiCropBatch(globals_, locals_, torch.as_tensor(index).view(-1).long(),
                                  torch.as_tensor(label).view(-1).long(), 0)

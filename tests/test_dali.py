@@ -43,9 +43,11 @@ def _cfg(root, **kw):
     return DataConfig(**values)
 
 
-def test_batch_contract_and_determinism(colour_folder):
-    cfg = _cfg(colour_folder)
+@pytest.mark.parametrize("augment", ["graph", "host"])
+def test_batch_contract_and_determinism(colour_folder, augment):
+    cfg = _cfg(colour_folder, dali_augment=augment)
     loader = D.DaliMultiCropLoader(cfg, seed=3, rank=0, world=1)
+    assert loader.augment == augment
     assert len(loader) == 3 and loader.num_samples == 90
     batch = next(loader.epoch(0))
     assert batch.globals.shape == (60, 3, 32, 32) and batch.locals.shape == (60, 3, 16, 16)
@@ -64,10 +66,12 @@ def test_batch_contract_and_determinism(colour_folder):
     assert not torch.equal(batch.globals[:30], batch.globals[30:])  # the two views differ
 
 
+@pytest.mark.parametrize("augment", ["graph", "host"])
 @pytest.mark.parametrize("switch", [100, 0], ids=["mocov2-phase", "simclr-phase"])
-def test_crops_match_the_reference_loader(colour_folder, switch):
-    """Same drawn choices as the reference; pixels agree up to kernel rounding (PIL uint8 vs DALI float)."""
-    cfg = _cfg(colour_folder, aug_switch_epoch=switch, batch_size=90)
+def test_crops_match_the_reference_loader(colour_folder, switch, augment):
+    """Same drawn choices as the reference; pixels agree up to kernel rounding (PIL uint8 vs DALI float),
+    with the augmentations in the DALI graph and in the fused CPU kernel."""
+    cfg = _cfg(colour_folder, aug_switch_epoch=switch, batch_size=90, dali_augment=augment)
     loader = D.DaliMultiCropLoader(cfg, seed=0, rank=0, world=1)
     batch = next(loader.epoch(1))
     dataset = R.MultiCropDataset(R.ImageSource(loader.samples), cfg, seed=0)

@@ -26,6 +26,10 @@ class DataConfig:
     train_dir: str = ""  # ImageFolder: one sub-folder per class
     beton: str = ""  # backend ffcv: the training .beton (python -m pipelines.convert)
     val_beton: str = ""  # backend ffcv: the validation .beton for evaluation ("" = read data.val_dir)
+    # backend dali: where the colour/blur/flip augmentations run. graph: inside the DALI graph (on the GPU
+    # with one); host: DALI decodes and cuts the crops, the fused CPU kernel of pipelines/cpu_augment.py
+    # augments them (fast without a GPU); auto: graph on a GPU, host on the CPU.
+    dali_augment: Literal["auto", "graph", "host"] = "auto"
     os_cache: bool = True  # backend ffcv: read through the OS page cache (False: FFCV's own process cache)
     val_dir: str = ""  # ImageFolder used as the kNN / evaluation test split
     batch_size: int = 4096  # global batch (all ranks together)
