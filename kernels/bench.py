@@ -5,6 +5,9 @@ Rows (issue 3), each timed as the median of --repeats runs (CUDA events on a GPU
   torch       kernels.nearest_neighbor(backend="torch") + kernels.connected_components, on the device
   triton      kernels.nearest_neighbor(backend="triton") + kernels.connected_components, on the device
   gemm        a plain U @ U^T of the same shape and dtype: the ceiling the fused 1-NN is compared to
+  nn+logits   the knn rule's step without fusion: 1-NN (auto backend) + a separate fp32 matmul of the
+              logits against the first N/4 keys (the 2 global of 8 crops: head 2's loss keys)
+  fused       kernels.similarity_nearest_neighbor(backend="triton"): both from one pass of the kernel
 Columns: time (ms), achieved TFLOP/s (2 N^2 D / time), time relative to the GEMM, peak device memory.
 On a CPU the Triton kernel runs under TRITON_INTERPRET=1 and only at the smallest size.
 """
@@ -74,6 +77,10 @@ def run(sizes, dims, dtypes, repeats, device) -> list[dict]:
                 }
                 if kernels.triton_available() and (device.type == "cuda" or (n <= 512 and dtype != torch.bfloat16)):
                     paths["triton"] = lambda: kernels.connected_components(kernels.nearest_neighbor(u, backend="triton"))
+                    ids, columns = torch.arange(n, device=device), n // 4
+                    paths["nn+logits"] = lambda: (kernels.nearest_neighbor(u), u.float() @ u[:columns].float().t() / 0.1)
+                    paths["fused"] = lambda: kernels.similarity_nearest_neighbor(u, u, ids, ids, 0.1, columns,
+                                                                                 backend="triton")
                 if device.type == "cpu" and dtype != torch.float32:
                     paths.pop("gemm")  # CPU half-precision GEMM is not a meaningful ceiling
                     paths.pop("reference")
@@ -83,7 +90,8 @@ def run(sizes, dims, dtypes, repeats, device) -> list[dict]:
                         torch.cuda.empty_cache()
                         torch.cuda.reset_peak_memory_stats()
                         base = torch.cuda.memory_allocated()
-                    seconds = _timer(device, fn, repeats if name != "triton" or device.type == "cuda" else 1)
+                    interpreted = name in ("triton", "fused") and device.type != "cuda"
+                    seconds = _timer(device, fn, 1 if interpreted else repeats)
                     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else None
                     results[name] = (seconds, peak)
                 gemm_time = results.get("gemm", (None,))[0]

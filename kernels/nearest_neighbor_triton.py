@@ -6,8 +6,8 @@ of the same group (and the ragged tail), and updates a running (max, argmax) per
 similarity matrix is never written: memory is O((M + N) * D). Ties go to the smallest key index
 (within a tile: the minimum index among the maxima; across tiles: a later tile must be strictly
 greater), matching the torch reference. Optionally the same kernel writes the scaled logits
-s / tau of every (query, key) pair into a caller-provided [M, N] fp32 buffer ("fused similarity
-matrix" path for the loss).
+s / tau of every query against the first C keys into an [M, C] fp32 buffer ("fused similarity
+matrix" path for the loss: kernels.similarity_nearest_neighbor, the WCL knn rule).
 
 This module is imported only when the Triton backend is used: on CPU it needs TRITON_INTERPRET=1
 set before import (the tests do this); on CUDA it compiles for the device.
@@ -21,7 +21,7 @@ import triton.language as tl
 
 @triton.jit
 def _nn_kernel(q_ptr, k_ptr, qg_ptr, kg_ptr, out_idx_ptr, out_max_ptr, logits_ptr,
-               M, N, D, stride_qm, stride_km, stride_lm, inv_tau,
+               M, N, D, stride_qm, stride_km, stride_lm, inv_tau, N_LOGITS,
                HAS_GROUPS: tl.constexpr, WRITE_LOGITS: tl.constexpr, IEEE: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
@@ -47,7 +47,7 @@ def _nn_kernel(q_ptr, k_ptr, qg_ptr, kg_ptr, out_idx_ptr, out_max_ptr, logits_pt
                 sim += tl.dot(q, tl.trans(k))
         if WRITE_LOGITS:
             tl.store(logits_ptr + rows[:, None] * stride_lm + cols[None, :], sim * inv_tau,
-                     mask=row_ok[:, None] & col_ok[None, :])
+                     mask=row_ok[:, None] & (cols < N_LOGITS)[None, :])
         valid = col_ok[None, :] & row_ok[:, None]
         if HAS_GROUPS:
             k_group = tl.load(kg_ptr + cols, mask=col_ok, other=-2)
@@ -66,10 +66,12 @@ def _nn_kernel(q_ptr, k_ptr, qg_ptr, kg_ptr, out_idx_ptr, out_max_ptr, logits_pt
 
 def nearest_neighbor_triton(queries: torch.Tensor, keys: torch.Tensor | None = None,
                             query_groups: torch.Tensor | None = None, key_groups: torch.Tensor | None = None,
-                            logits_tau: float | None = None, block_m: int = 64, block_n: int = 64):
+                            logits_tau: float | None = None, block_m: int = 64, block_n: int = 64,
+                            logit_columns: int | None = None):
     """Same contract as kernels.nearest_neighbor_torch (idx [M] int64, -1 where every key is excluded).
 
-    With logits_tau set, returns (idx, logits [M, N] fp32 = queries @ keys^T / tau) from one pass.
+    With logits_tau set, returns (idx, logits [M, C] fp32 = queries @ keys[:C]^T / tau) from one pass,
+    C = logit_columns (default: all N keys); the 1-NN search still covers all N keys.
     """
     if keys is None:
         keys = queries
@@ -91,12 +93,15 @@ def nearest_neighbor_triton(queries: torch.Tensor, keys: torch.Tensor | None = N
     has_groups = query_groups is not None
     qg = query_groups.to(device=device, dtype=torch.int64).contiguous() if has_groups else out_idx
     kg = key_groups.to(device=device, dtype=torch.int64).contiguous() if has_groups else out_idx
-    logits = torch.empty(m, n, dtype=torch.float32, device=device) if logits_tau is not None else out_max
+    columns = n if logit_columns is None else int(logit_columns)
+    if not 0 <= columns <= n:
+        raise ValueError(f"logit_columns must be in [0, {n}], got {logit_columns}")
+    logits = torch.empty(m, columns, dtype=torch.float32, device=device) if logits_tau is not None else out_max
     block_d = min(64, max(16, triton.next_power_of_2(dim)))
     grid = (triton.cdiv(m, block_m),)
     _nn_kernel[grid](queries, keys, qg, kg, out_idx, out_max, logits, m, n, dim,
                      queries.stride(0), keys.stride(0), logits.stride(0) if logits_tau is not None else 0,
-                     1.0 / logits_tau if logits_tau is not None else 1.0,
+                     1.0 / logits_tau if logits_tau is not None else 1.0, columns,
                      HAS_GROUPS=has_groups, WRITE_LOGITS=logits_tau is not None,
                      IEEE=queries.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
     return (out_idx, logits) if logits_tau is not None else out_idx

@@ -116,7 +116,11 @@ def _rank_worker(rank, world, port, inputs, differentiable, queue):
     knn_labels = knn_batch_labels(u1.detach(), u2.detach(), u_local)
     knn_terms = wcl_loss_terms(z1, z2, u1, u2, *gathered, offset=rank * b, z_local=z_local, u_local=u_local,
                                rule="knn", image_labels=knn_labels)
-    knn_mean = all_reduce_mean(torch.stack([knn_terms.nce.detach(), knn_terms.graph.detach()]))
+    from wcl_fast.objectives.wcl import knn_graph_rows_fused
+
+    fused_rows, fused_labels, _ = knn_graph_rows_fused(u1, u2, u_local, gathered[2], gathered[3], 0.1)
+    assert torch.equal(fused_labels, knn_labels)  # the same search, the same labels on every rank
+    knn_mean = all_reduce_mean(torch.stack([knn_terms.nce.detach(), knn_terms.graph.detach(), fused_rows.mean().detach()]))
     queue.put((rank, mean.tolist(), [t.grad.numpy().copy() for t in (z1, z2, u1, u2)],
                (sharded, knn_labels.numpy().copy(), knn_mean.tolist())))
     dist.destroy_process_group()
@@ -161,6 +165,7 @@ def test_two_processes_give_the_single_process_loss_and_gradients():
         assert naive.same_partition(knn_labels, single_knn.numpy())
         assert knn_mean[0] == pytest.approx(knn_terms.nce.item(), rel=1e-5)
         assert knn_mean[1] == pytest.approx(knn_terms.graph.item(), rel=1e-5)
+        assert knn_mean[2] == pytest.approx(knn_terms.graph.item(), rel=1e-5)  # one-pass (fused) form
         # sharded 1-NN search: every rank holds the single-process partition (identical label ids)
         assert sharded_labels.tolist() == single_labels.tolist()
         assert mean[0] == pytest.approx(terms.nce.item(), rel=1e-5)
@@ -209,6 +214,31 @@ def test_knn_multicrop_rule_matches_naive(n, crops):
                            image_labels=labels)
     assert terms.nce.item() == pytest.approx(ref_nce, rel=1e-5)
     assert terms.graph.item() == pytest.approx(ref_graph, rel=1e-5)
+
+
+@pytest.mark.parametrize("n,crops", [(5, 2), (12, 6)])
+def test_knn_one_pass_form_matches_naive_and_the_two_pass_form(n, crops):
+    """knn_graph_rows_fused (1-NN + logits from one similarity pass; the trainer's knn path) equals the
+    float64 loops and, gradient included, the two-pass form (knn_batch_labels + wcl_loss_terms)."""
+    from wcl_fast.objectives.wcl import knn_batch_labels, knn_graph_rows_fused
+
+    d = 8
+    z1, z2, u1, u2 = (normalized(n, d, seed=s + 60) for s in range(4))
+    z_local, u_local = normalized(crops * n, d, seed=70), normalized(crops * n, d, seed=71)
+    _, ref_graph, ref_labels = naive.knn_rule_terms(z1.numpy(), z2.numpy(), u1.numpy(), u2.numpy(),
+                                                    z_local.numpy(), u_local.numpy())
+    leaves = [t.clone().requires_grad_() for t in (u1, u2, u_local)]
+    rows, labels, converged = knn_graph_rows_fused(*leaves, leaves[0], leaves[1], 0.1, fixed_blocks=2, backend="torch")
+    assert rows.shape == ((2 + crops) * n,) and bool(converged)
+    assert naive.same_partition(labels.numpy(), ref_labels)
+    assert rows.mean().item() == pytest.approx(ref_graph, rel=1e-5)
+    rows.mean().backward()
+    two_pass = [t.clone().requires_grad_() for t in (u1, u2, u_local)]
+    terms = wcl_loss_terms(z1, z2, two_pass[0], two_pass[1], z1, z2, two_pass[0], two_pass[1], z_local=z_local,
+                           u_local=two_pass[2], rule="knn", image_labels=knn_batch_labels(u1, u2, u_local))
+    terms.graph.backward()
+    for ours, theirs in zip(leaves, two_pass):
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_edge_components_match_scipy_on_random_and_adversarial_graphs():

@@ -58,12 +58,15 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
 
 
-@pytest.mark.parametrize("precision,rule", [("bf16", "inherit"), ("fp16", "inherit"), ("bf16", "knn")])
+@pytest.mark.parametrize("precision,rule", [("bf16", "inherit"), ("fp16", "inherit"), ("bf16", "knn"),
+                                            ("fp32", "knn-triton")])
 def test_mixed_precision_steps_are_finite(tmp_path, precision, rule):
     # local crops of 32 px: with 16 px the last stage's stride-2 conv sees a 1 x 1 input, where CPU bf16
     # weight gradients are intermittently NaN in torch 2.14 (upstream; see wcl_fast.train's warning)
-    summary = train(_cfg(tmp_path, "train.epochs=1", f"train.precision={precision}", f"loss.multicrop_rule={rule}",
-                         "data.local_size=32"))
+    # knn-triton: the knn rule on the fused Triton similarity + 1-NN kernel (interpreter on the CPU)
+    extra = ["loss.similarity_backend=triton"] if rule.endswith("triton") else []
+    summary = train(_cfg(tmp_path, "train.epochs=1", f"train.precision={precision}",
+                         f"loss.multicrop_rule={rule.split('-')[0]}", "data.local_size=32", *extra))
     assert summary["global_step"] == 4 and all(torch.isfinite(torch.tensor(l)) for l in _losses(tmp_path).values()), _log(tmp_path)
 
 

@@ -61,6 +61,60 @@ def test_triton_fused_logits_output():
     assert torch.equal(idx, kernels.nearest_neighbor(q, k, backend="torch"))
 
 
+def test_logit_columns_subset():
+    from kernels.nearest_neighbor_triton import nearest_neighbor_triton
+
+    q, k = normalized(33, 16, seed=7).to(DEVICE), normalized(100, 16, seed=8).to(DEVICE)
+    groups_q = torch.arange(33, device=DEVICE) % 7
+    groups_k = torch.arange(100, device=DEVICE) % 7
+    idx, logits = nearest_neighbor_triton(q, k, groups_q, groups_k, logits_tau=0.2, logit_columns=70)
+    assert logits.shape == (33, 70)
+    torch.testing.assert_close(logits, q @ k[:70].t() / 0.2, rtol=1e-5, atol=1e-5)
+    assert torch.equal(idx, kernels.nearest_neighbor(q, k, groups_q, groups_k, backend="torch"))  # all 100 searched
+    with pytest.raises(ValueError, match="logit_columns"):
+        nearest_neighbor_triton(q, k, logits_tau=0.2, logit_columns=101)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_similarity_nearest_neighbor_triton_equals_torch_with_gradients(dtype):
+    """The fused path: indices, logits and the gradients of a loss on the logits (custom backward)."""
+    m, n, c, d = 40, 90, 60, 24
+    q0, k0 = normalized(m, d, seed=11, dtype=dtype).to(DEVICE), normalized(n, d, seed=12, dtype=dtype).to(DEVICE)
+    qg = torch.arange(m, device=DEVICE) // 4
+    kg = torch.arange(n, device=DEVICE) // 6
+    weights = torch.randn(m, c, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    out = {}
+    for backend in ("triton", "torch"):
+        q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+        idx, logits = kernels.similarity_nearest_neighbor(q, k, qg, kg, 0.1, logit_columns=c, backend=backend)
+        (torch.log_softmax(logits, 1) * weights).sum().backward()
+        out[backend] = (idx, logits.detach(), q.grad.float(), k.grad.float())
+    (i1, l1, gq1, gk1), (i2, l2, gq2, gk2) = out["triton"], out["torch"]
+    assert torch.equal(i1, i2)
+    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-4)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(gq1, gq2, **tol)
+    torch.testing.assert_close(gk1, gk2, **tol)
+    assert (gk1[c:] == 0).all()  # keys past the logit columns only take part in the 1-NN search
+
+
+def test_wcl_knn_rule_on_the_fused_kernel_equals_torch():
+    from wcl_fast.objectives.wcl import knn_graph_rows_fused
+
+    n, crops, d = 10, 3, 16
+    base = [normalized(n, d, seed=s + 30) for s in range(2)] + [normalized(crops * n, d, seed=35)]
+    results = {}
+    for backend in ("triton", "torch"):
+        u1, u2, ul = (t.clone().to(DEVICE).requires_grad_() for t in base)
+        rows, labels, _ = knn_graph_rows_fused(u1, u2, ul, u1, u2, 0.1, backend=backend)
+        rows.mean().backward()
+        results[backend] = (rows.detach(), labels, [t.grad for t in (u1, u2, ul)])
+    assert torch.equal(results["triton"][1], results["torch"][1])
+    torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(results["triton"][2], results["torch"][2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_forcing_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):

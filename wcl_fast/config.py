@@ -120,6 +120,10 @@ class LossConfig:
     # inherit: local crops take the global crops' labels; knn: one image graph over all crops
     # (spec wcl.md section 3). Used only when data.local_crops > 0.
     multicrop_rule: Literal["inherit", "knn"] = "inherit"
+    # knn rule: who computes the crops' 1-NN and head 2's logits in one pass
+    # (kernels.similarity_nearest_neighbor). auto: the fused Triton kernel on CUDA, torch elsewhere;
+    # triton on CPU needs TRITON_INTERPRET=1 (tests only).
+    similarity_backend: Literal["auto", "torch", "triton"] = "auto"
     clinfonce: ClInfoNCEConfig = field(default_factory=ClInfoNCEConfig)
     co2: CO2Config = field(default_factory=CO2Config)
     momentum: MomentumConfig = field(default_factory=MomentumConfig)

@@ -21,7 +21,7 @@ from wcl_fast.objectives.clinfonce import clinfonce_loss, load_cluster_csv, sphe
 from wcl_fast.objectives.co2 import co2_batch_consistency, co2_queue_terms, queue_infonce_rows
 from wcl_fast.objectives.momentum import EMAEncoder, KeyQueue
 from wcl_fast.objectives.slr import mixup_draw, momentum_mixup, mu_at, refinery_targets, slr_terms
-from wcl_fast.objectives.wcl import knn_batch_labels, nce_rows, wcl_loss_terms, weak_labels_sharded
+from wcl_fast.objectives.wcl import WCLTerms, knn_graph_rows_fused, nce_rows, wcl_loss_terms, weak_labels_sharded
 
 KNN_LABEL_BLOCKS = 2  # sync-free image-graph labelling: 2 blocks of ceil(log2 N) + 1 hook/compress rounds
 
@@ -38,12 +38,14 @@ def compute_loss(cfg: Config, z_global, u_global, z_local, u_local, rank: int, f
     gathered = [wdist.gather_rows(t, differentiable) for t in (z1, z2, u1, u2)]  # [N, D] each
     offset = rank * z1.shape[0]
     labels = None
-    if cfg.loss.multicrop_rule == "knn" and z_local is not None:
-        image_labels, converged = knn_batch_labels(u1, u2, u_local, fixed_blocks=KNN_LABEL_BLOCKS)
+    if cfg.loss.multicrop_rule == "knn" and z_local is not None:  # one pass: crops' 1-NN + head-2 logits
+        graph_rows, _, converged = knn_graph_rows_fused(u1, u2, u_local, gathered[2], gathered[3], cfg.loss.tau,
+                                                        fixed_blocks=KNN_LABEL_BLOCKS,
+                                                        backend=cfg.loss.similarity_backend)
         if flags is not None:
             flags["unconverged"] = flags.get("unconverged", 0) + (~converged).to(torch.float32)
-        return wcl_loss_terms(z1, z2, u1, u2, *gathered, offset=offset, tau=cfg.loss.tau, z_local=z_local,
-                              u_local=u_local, rule="knn", image_labels=image_labels)
+        nce = nce_rows(z1, z2, gathered[0], gathered[1], offset, cfg.loss.tau, z_local).mean()
+        return WCLTerms(nce, graph_rows.mean())
     if wdist.world_size() > 1:  # each rank searches its own rows; every rank gets the same labels
         labels = (weak_labels_sharded(u1, gathered[2], offset), weak_labels_sharded(u2, gathered[3], offset))
     return wcl_loss_terms(z1, z2, u1, u2, *gathered, offset=offset, tau=cfg.loss.tau,

@@ -44,11 +44,16 @@ def contrastive_rows(
     """
     with torch.autocast(device_type=anchors.device.type, enabled=False):
         logits = anchors.float() @ keys.float().t() / tau  # [M, K] fp32
-        if excluded is not None:
-            logits = logits.masked_fill(excluded, float("-inf"))
-        log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)  # [M, K]
-        picked = torch.where(positive, log_prob, torch.zeros_like(log_prob))
-        return -picked.sum(dim=1) / positive.sum(dim=1).clamp_min(1)
+        return rows_from_logits(logits, positive, excluded)
+
+
+def rows_from_logits(logits: torch.Tensor, positive: torch.Tensor, excluded: torch.Tensor | None) -> torch.Tensor:
+    """contrastive_rows from precomputed fp32 logits [M, K] (s / tau)."""
+    if excluded is not None:
+        logits = logits.masked_fill(excluded, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)  # [M, K]
+    picked = torch.where(positive, log_prob, torch.zeros_like(log_prob))
+    return -picked.sum(dim=1) / positive.sum(dim=1).clamp_min(1)
 
 
 @torch.no_grad()
@@ -88,25 +93,87 @@ def knn_image_labels(crops_all: torch.Tensor, crop_image: torch.Tensor, num_imag
     return kernels.connected_components_edges(crop_image, crop_image[nn_idx], num_images, fixed_blocks=fixed_blocks)
 
 
+def _knn_crops(u1: torch.Tensor, u2: torch.Tensor, u_local: torch.Tensor | None,
+               u1_all: torch.Tensor | None = None, u2_all: torch.Tensor | None = None):
+    """This rank's crops as queries, every crop of the global batch as keys, for the knn rule.
+
+    queries [(2+L)b, D] = [u1; u2; u_local] with their global image ids; keys view-major
+    [U1_all; U2_all; L_all] (L_all: the gathered local crops, rank-major, crop-major inside a rank) with
+    theirs, so the first 2N key columns are exactly head 2's loss keys [U1_all; U2_all].
+    u1_all / u2_all: the already gathered global crops (default: gathered here, detached).
+    Returns (queries, query_image, keys, key_image, N).
+    """
+    b, device = u1.shape[0], u1.device
+    world, rank = wdist.world_size(), wdist.rank()
+    u1_all = wdist.gather_rows(u1.detach()) if u1_all is None else u1_all
+    u2_all = wdist.gather_rows(u2.detach()) if u2_all is None else u2_all
+    n = u1_all.shape[0]
+    crops = u_local.shape[0] // b if u_local is not None else 0
+    rows = torch.arange(b, device=device) + rank * b
+    ids = torch.arange(n, device=device)
+    queries = torch.cat([u1, u2] + ([u_local] if crops else []))
+    query_image = torch.cat([rows, rows] + ([rows.repeat(crops)] if crops else []))
+    keys, key_image = [u1_all, u2_all], [ids, ids]
+    if crops:
+        keys.append(wdist.gather_rows(u_local.detach()))
+        key_image.append((torch.arange(b, device=device).repeat(crops)[None, :]
+                          + b * torch.arange(world, device=device)[:, None]).flatten())
+    return queries, query_image, torch.cat(keys), torch.cat(key_image), n
+
+
+def _knn_labels(nn_idx: torch.Tensor, b: int, crops: int, key_image: torch.Tensor, n: int,
+                fixed_blocks: int | None):
+    """Image labels from this rank's 1-NN indices: all ranks' indices are gathered (rank order) and
+    every rank labels the same image graph (edges: query image - image of its 1-NN crop)."""
+    world = wdist.world_size()
+    if world > 1:
+        nn_idx = wdist.gather_rows(nn_idx)
+    ids = torch.arange(b, device=nn_idx.device)
+    per_rank = torch.cat([ids, ids] + ([ids.repeat(crops)] if crops else []))
+    query_image = torch.cat([per_rank + r * b for r in range(world)])
+    return kernels.connected_components_edges(query_image, key_image[nn_idx], n, fixed_blocks=fixed_blocks)
+
+
 @torch.no_grad()
 def knn_batch_labels(u1: torch.Tensor, u2: torch.Tensor, u_local: torch.Tensor | None,
-                     fixed_blocks: int | None = None):
+                     fixed_blocks: int | None = None, u1_all: torch.Tensor | None = None,
+                     u2_all: torch.Tensor | None = None):
     """Image labels [N] of the knn rule for the global batch, from this rank's crops.
 
-    Every rank contributes its crops rank-major ([u1_r; u2_r; u_local_r], image ids r*b + i), searches
-    its own crops against all of them, and all ranks label the same image graph.
-    fixed_blocks=K: no host sync; returns (labels, converged flag) instead of labels.
+    Every rank searches its own crops against all crops of the batch (keys of _knn_crops), and all
+    ranks label the same image graph. fixed_blocks=K: no host sync; returns (labels, converged flag).
     """
+    queries, query_image, keys, key_image, n = _knn_crops(u1, u2, u_local, u1_all, u2_all)
+    nn_idx = kernels.nearest_neighbor(queries.detach(), keys.detach(), query_image, key_image)
+    crops = u_local.shape[0] // u1.shape[0] if u_local is not None else 0
+    return _knn_labels(nn_idx, u1.shape[0], crops, key_image, n, fixed_blocks)
+
+
+def knn_graph_rows_fused(u1: torch.Tensor, u2: torch.Tensor, u_local: torch.Tensor | None,
+                         u1_all: torch.Tensor, u2_all: torch.Tensor, tau: float,
+                         fixed_blocks: int | None = None, backend: str = "auto"):
+    """Head 2 of the knn rule from ONE similarity pass (the "fused similarity matrix" path).
+
+    kernels.similarity_nearest_neighbor computes, for this rank's crops [u1; u2; u_local] against all
+    crops [U1_all; U2_all; L_all], the 1-NN of every crop among other images AND the logits against the
+    first 2N keys [U1_all; U2_all] -- the loss keys -- so the Triton backend reads each key tile once
+    for both. Labels follow from the gathered indices; the loss rows then equal _knn_graph_rows with
+    those labels: global crops exclude their own column, positives = keys of same-label images.
+    Returns (per-anchor losses [(2+L)b] fp32 in [u1, u2, local] order, labels [N], converged or None).
+    """
+    queries, query_image, keys, key_image, n = _knn_crops(u1, u2, u_local, u1_all, u2_all)
     b = u1.shape[0]
-    world, rank = wdist.world_size(), wdist.rank()
-    mine = torch.cat([u1, u2] + ([u_local] if u_local is not None else []))  # [(2+L)b, D]
-    crops_all = wdist.gather_rows(mine.detach())  # [W(2+L)b, D]
-    ids = torch.arange(b, device=u1.device)
-    per_rank = torch.cat([ids, ids] + ([ids.repeat(u_local.shape[0] // b)] if u_local is not None else []))
-    crop_image = torch.cat([per_rank + r * b for r in range(world)])
-    per = mine.shape[0]
-    return knn_image_labels(crops_all, crop_image, world * b, (rank * per, (rank + 1) * per) if world > 1 else None,
-                            fixed_blocks)
+    crops = u_local.shape[0] // b if u_local is not None else 0
+    nn_idx, logits = kernels.similarity_nearest_neighbor(queries, keys, query_image, key_image, tau,
+                                                         logit_columns=2 * n, backend=backend)
+    with torch.no_grad():
+        result = _knn_labels(nn_idx, b, crops, key_image, n, fixed_blocks)
+    labels, converged = result if fixed_blocks is not None else (result, None)
+    rows = query_image[:b]
+    own = _one_hot_columns(torch.cat([rows, rows + n]), 2 * n)  # the global anchors' own columns
+    self_mask = torch.cat([own, own.new_zeros(crops * b, 2 * n)])
+    positive = (labels[query_image][:, None] == torch.cat([labels, labels])[None, :]) & ~self_mask
+    return rows_from_logits(logits, positive, self_mask), labels, converged
 
 
 def _one_hot_columns(rows: torch.Tensor, num_columns: int) -> torch.Tensor:
