@@ -41,10 +41,7 @@ def build_train_eval_loader(cfg: Config, batch_size: int, rank: int, world: int)
     sample-id order (batch.index): used to embed the whole training set (Cl-InfoNCE K-means).
     Returns (loader, number of samples)."""
     pin = torch.cuda.is_available()
-    if cfg.data.backend == "ffcv":
-        raise ConfigError("K-means clusters over a .beton are not supported yet; use loss.clinfonce.clusters_csv "
-                          "(rows keyed by index) or data.backend=reference/dali with data.train_dir")
-    if cfg.data.backend in ("reference", "dali"):
+    if cfg.data.backend in ("reference", "dali", "ffcv"):  # ffcv: data.beton in record (= sample id) order
         loader, count, _ = build_eval_loader(cfg.data, cfg.data.train_dir, "data.train_dir", batch_size, rank, world, pin)
         return loader, count
     if cfg.data.backend == "synthetic":

@@ -143,6 +143,38 @@ def test_trainer_runs_on_the_ffcv_backend(digits_beton, tmp_path):
     assert summary["global_step"] == 4 and len(losses) == 4 and all(np.isfinite(losses))
 
 
+def test_kmeans_clinfonce_embeds_the_beton(digits_beton, tmp_path):
+    """Cl-InfoNCE K-means on data.backend=ffcv: the table covers every record (sample id = record
+    position, the batch.index of training) and equals K-means of the FFCV evaluation embeddings."""
+    from pipelines.ffcv import FFCVEvalLoader
+    from wcl_fast.config import load_config
+    from wcl_fast.model import build_model
+    from wcl_fast.objectives.clinfonce import spherical_kmeans
+    from wcl_fast.train import train
+
+    beton = digits_beton / "digits.beton"
+    cfg = load_config(ROOT / "configs" / "cpu_smoke.yaml", [
+        "data.backend=ffcv", f"data.beton={beton}", "data.batch_size=16", "data.workers=1", "loss.objective=clinfonce",
+        "loss.clinfonce.kmeans_k=4", "knn.batch_size=16", f"train.out_dir={tmp_path}", "train.epochs=1",
+        "train.precision=fp32"])
+    summary = train(cfg)
+    assert summary["global_step"] == 4
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    table = state["objective"]["clusters"]
+    assert table.shape == (64,) and 1 < len(table.unique()) <= 4
+    # recompute from the initial encoder (the table of epoch 0 is built before the first step)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, two_heads=False)
+    model.eval()
+    loader = FFCVEvalLoader(cfg.data, str(beton), 16, 0, 1)
+    with torch.no_grad():
+        z, index = zip(*[(model.embed(b.globals)[0].float(), b.index) for b in loader])
+    z, index = torch.cat(z), torch.cat(index)
+    assert index.tolist() == list(range(64))
+    assign, _ = spherical_kmeans(z, 4, cfg.loss.clinfonce.kmeans_iters, seed=cfg.train.seed * 1_000_003)
+    assert torch.equal(assign.cpu(), table.cpu())
+
+
 def test_odd_images_never_crash_the_loader(tmp_path):
     pytest.importorskip("ffcv")
     from pipelines.convert import convert
