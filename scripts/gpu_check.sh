@@ -25,6 +25,10 @@ for batch in 128 256; do
       --json "$OUT/step_bench_$batch.json" data.batch_size=$batch 2>&1 | tee "$OUT/step_bench_$batch.txt"
   step_rc=$(( step_rc || PIPESTATUS[0] ))
 done
+# the knn multi-crop rule: crops' 1-NN and head-2 logits from one pass of the fused Triton kernel
+timeout 120 "$PY" -m wcl_fast.bench_step --config configs/imagenet_wcl_multicrop_200ep.yaml --steps 10 --warmup 3 \
+    --json "$OUT/step_bench_knn_256.json" data.batch_size=256 loss.multicrop_rule=knn 2>&1 | tee "$OUT/step_bench_knn_256.txt"
+step_rc=$(( step_rc || PIPESTATUS[0] ))
 loader_rc=0
 if "$PY" -c 'import nvidia.dali' 2>/dev/null; then
   timeout 90 "$PY" -m pipelines.bench --batch 128 --batches 8 --workers 16 --json "$OUT/loader_bench.json" 2>&1 | tee "$OUT/loader_bench.txt"
