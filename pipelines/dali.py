@@ -11,6 +11,10 @@ the same boxes, a batch does not depend on threads, and a resumed run sees the s
 order is the trainer's StepSampler: one seeded global permutation per epoch (no shuffle buffer), cut
 into global batches, rank r taking rows [r*b, (r+1)*b) (drop_last: len // batch steps per epoch).
 
+data.dali_augment=host (the default without a GPU): the graph stops after the uint8 crop resize and
+the same augmentations run in the fused CPU kernel of pipelines/cpu_augment.py (quantised like the
+graph), on a helper thread while DALI works on the next batch.
+
 Deviations from the PIL reference (numerics only): DALI's hue shift is a rotation in YIQ space (PIL
 rotates H in HSV); bilinear resize with antialiasing and the Gaussian window (2*ceil(3 sigma)+1)
 differ from PIL's kernels by rounding; EXIF orientation is ignored by both.

@@ -11,7 +11,7 @@ same crops on every run (and after a resume), while the crops of a sample change
 
 Everything after the crop runs as batched tensor ops on the training device (pipelines/augment.py):
 ColorJitter (p 0.8, random order), grayscale (0.2), Gaussian blur (0.5), flip, normalisation,
-channels-last. Sample order is the trainer's StepSampler (global permutation per epoch, rank
+channels-last; without a GPU the same choices go through the fused CPU kernel (pipelines/cpu_augment.py). Sample order is the trainer's StepSampler (global permutation per epoch, rank
 slices, drop_last), through a custom FFCV TraversalOrder.
 
 Differences from the reference loader (documented, tested for statistics): the crop is resized
