@@ -238,7 +238,7 @@ def augment_crops(views: list, params: np.ndarray, mean, std, *, quantize: bool 
     out_np = out.numpy()
     mean_np = np.asarray(mean, dtype=np.float32)
     inv_std = (1.0 / np.asarray(std, dtype=np.float64)).astype(np.float32)
-    threads = threads or len(os.sched_getaffinity(0))
+    threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     chunk = max(1, math.ceil(b / max(1, 2 * threads // len(arrays))))  # about 2 tasks per thread
     tasks = [(v, s, min(b, s + chunk)) for v in range(len(arrays)) for s in range(0, b, chunk)]
 
