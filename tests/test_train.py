@@ -70,6 +70,14 @@ def test_mixed_precision_steps_are_finite(tmp_path, precision, rule):
     assert summary["global_step"] == 4 and all(torch.isfinite(torch.tensor(l)) for l in _losses(tmp_path).values()), _log(tmp_path)
 
 
+def test_triton_similarity_backend_on_cpu_needs_the_interpreter(tmp_path, monkeypatch):
+    from wcl_fast.config import ConfigError
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ConfigError, match="loss.similarity_backend=triton.*TRITON_INTERPRET=1"):
+        train(_cfg(tmp_path, "loss.multicrop_rule=knn", "loss.similarity_backend=triton"))
+
+
 @pytest.mark.parametrize("objective", [
     [],
     ["loss.objective=slr", "loss.momentum.queue_size=96"],  # EMA keys, queue, mixed queries in the DDP call

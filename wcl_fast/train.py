@@ -75,6 +75,20 @@ def resolve_resume(cfg: Config) -> Path | None:
     return path
 
 
+def check_similarity_backend(cfg: Config, device: torch.device) -> None:
+    """loss.similarity_backend=triton needs the triton package, and on the CPU the Triton interpreter."""
+    if cfg.loss.similarity_backend != "triton" or cfg.loss.multicrop_rule != "knn":
+        return
+    import kernels
+
+    if not kernels.triton_available():
+        raise ConfigError("loss.similarity_backend=triton needs the triton package (pip install triton); "
+                          "or use loss.similarity_backend=auto")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("loss.similarity_backend=triton on the CPU runs only under the Triton interpreter: start "
+                          "with TRITON_INTERPRET=1 (slow; for tests) or use loss.similarity_backend=auto")
+
+
 def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
     """Run (or resume) a training job; returns a summary dict (final losses, throughput, kNN)."""
     ctx = ctx or wdist.init_distributed()
@@ -89,6 +103,7 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
         logger.info(f"wcl-fast: world size {ctx.world_size}, device {device}, precision {cfg.train.precision}\n"
                     f"--- resolved config (saved to {out_dir / 'config.yaml'}) ---\n{to_yaml(cfg)}---")
 
+    check_similarity_backend(cfg, device)
     smallest = min([cfg.data.global_size] + ([cfg.data.local_size] if cfg.data.local_crops else []))
     if device.type == "cpu" and cfg.train.precision == "bf16" and smallest // (16 if cfg.model.stem == "imagenet" else 4) < 2:
         logger.info(f"warning: {smallest}px crops reach the last ResNet stage at 1x1; on CPU, bf16 weight gradients of "
