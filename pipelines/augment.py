@@ -12,7 +12,6 @@ to the fused numba kernel of pipelines/cpu_augment.py (equal within 1e-4, severa
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F

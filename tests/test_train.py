@@ -326,12 +326,8 @@ def test_objective_steps_have_no_host_sync_on_cuda(objective):
     autocast = runner.autocast_factory(device, torch.bfloat16)
     state = {"step": 0}
 
-    def step():
-        terms = objective_state.losses(model, batch, state["step"], 100, autocast)
-        optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        optimizer.step()
-        objective_state.after_step()
+    def step():  # the trainer's own step (Objective.train_step)
+        terms = objective_state.train_step(model, batch, state["step"], 100, autocast, optimizer)
         state["step"] += 1
         return terms
 

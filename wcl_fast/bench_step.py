@@ -92,11 +92,7 @@ def run(cfg, steps: int, warmup: int, rounds: int, scaling: float) -> dict:
         model.zero_grad(set_to_none=True)
 
     def full_step():
-        terms = objective.losses(model, batch, counter["step"], 10_000, autocast)
-        optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        optimizer.step()
-        objective.after_step()
+        objective.train_step(model, batch, counter["step"], 10_000, autocast, optimizer)
         counter["step"] += 1
 
     results = {"encoder": [], "full": []}

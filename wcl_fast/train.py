@@ -205,13 +205,7 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
 
-                terms = objective.losses(ddp, batch, global_step, total_steps, autocast)
-                loss = terms["loss"]
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                objective.after_step()
+                terms = objective.train_step(ddp, batch, global_step, total_steps, autocast, optimizer, scaler)
 
                 if guard and optimizer.last_step_ok is not None:
                     bad = (~optimizer.last_step_ok).to(torch.float32)

@@ -73,6 +73,21 @@ class Objective:
     def after_step(self) -> None:
         pass
 
+    def train_step(self, ddp, batch, step: int, total_steps: int, autocast, optimizer, scaler=None) -> dict:
+        """One optimisation step -- losses, backward, optimizer (through the fp16 GradScaler when given),
+        after_step -- shared by the trainer, the step bench and the CUDA no-host-sync test. Returns the terms."""
+        terms = self.losses(ddp, batch, step, total_steps, autocast)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(terms["loss"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            terms["loss"].backward()
+            optimizer.step()
+        self.after_step()
+        return terms
+
     def state_dict(self) -> dict:
         return {}
 
