@@ -31,3 +31,53 @@ def no_host_sync():
         yield
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def write_colour_folder(root: Path, classes: int = 3, per_class: int = 30, sizes=(40, 120), seed: int = 0) -> Path:
+    """An ImageFolder of colourful JPEGs of varied sizes (smooth colour fields + noise), class folders c0, c1, ..."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(per_class):
+            h, w = (int(v) for v in rng.integers(sizes[0], sizes[1], 2))
+            yy, xx = np.mgrid[0:h, 0:w]
+            img = np.stack([(np.sin(xx / rng.uniform(3, 15) + rng.uniform(0, 6)) * 0.5 + 0.5) * 255 * rng.uniform(0.3, 1),
+                            (np.cos(yy / rng.uniform(3, 15)) * 0.5 + 0.5) * 255 * rng.uniform(0.3, 1),
+                            (xx + yy) / (h + w) * 255 * rng.uniform(0.3, 1)], -1)
+            img = np.clip(img + rng.normal(0, 10, img.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / f"c{c}" / f"{i}.jpg", quality=90)
+    return root
+
+
+def write_odd_images(folder: Path, names) -> Path:
+    """The odd-file set of the loader and converter tests, the files `names` of: cmyk.jpg, gray.jpg,
+    palette.png, alpha.png, png_as.jpg (a PNG named .jpg), tiny.jpg (1 x 1), thin.jpg (3 x 500), ok.jpg,
+    truncated.jpg (the first half of ok.jpg), garbage.jpg (not an image)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    rgb.save(buffer, format="JPEG")
+    jpeg = buffer.getvalue()
+    writers = {
+        "cmyk.jpg": lambda path: rgb.convert("CMYK").save(path),
+        "gray.jpg": lambda path: rgb.convert("L").save(path),
+        "palette.png": lambda path: rgb.convert("P").save(path),
+        "alpha.png": lambda path: rgb.convert("RGBA").save(path),
+        "png_as.jpg": lambda path: rgb.convert("RGBA").save(path, format="PNG"),
+        "tiny.jpg": lambda path: Image.new("RGB", (1, 1), (200, 10, 10)).save(path),
+        "thin.jpg": lambda path: Image.new("RGB", (3, 500), (10, 200, 10)).save(path),
+        "ok.jpg": lambda path: path.write_bytes(jpeg),
+        "truncated.jpg": lambda path: path.write_bytes(jpeg[: len(jpeg) // 2]),
+        "garbage.jpg": lambda path: path.write_bytes(b"not an image" * 10),
+    }
+    for name in names:
+        writers[name](folder / name)
+    return folder

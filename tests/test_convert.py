@@ -13,6 +13,7 @@ from PIL import Image
 
 pytest.importorskip("ffcv")
 
+from conftest import write_odd_images  # noqa: E402
 from pipelines.convert import convert  # noqa: E402
 from wcl_fast.config import ConfigError  # noqa: E402
 
@@ -56,20 +57,8 @@ def test_round_trip_labels_indices_and_pixels(tmp_path):
 
 
 def test_odd_images_are_converted_or_skipped_with_reasons(tmp_path):
-    src = tmp_path / "src" / "a"
-    src.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    rgb = Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8))
-    rgb.convert("CMYK").save(src / "cmyk.jpg")
-    rgb.convert("L").save(src / "gray.jpg")
-    rgb.convert("P").save(src / "palette.png")
-    rgb.convert("RGBA").save(src / "alpha.png")
-    rgb.convert("RGBA").save(src / "png_as.jpg", format="PNG")  # a PNG with a .jpg name
-    Image.new("RGB", (1, 1), (200, 10, 10)).save(src / "tiny.jpg")
-    rgb.save(src / "ok.jpg")
-    data = (src / "ok.jpg").read_bytes()
-    (src / "truncated.jpg").write_bytes(data[: len(data) // 2])
-    (src / "garbage.jpg").write_bytes(b"not an image" * 10)
+    src = write_odd_images(tmp_path / "src" / "a", ["cmyk.jpg", "gray.jpg", "palette.png", "alpha.png", "png_as.jpg",
+                                                    "tiny.jpg", "ok.jpg", "truncated.jpg", "garbage.jpg"])
     (src / "notes.txt").write_text("not an image")
     (tmp_path / "src" / "empty_class").mkdir()
     summary = convert(str(tmp_path / "src"), str(tmp_path / "odd.beton"), workers=1, quiet=True)

@@ -119,20 +119,11 @@ def test_dali_host_augmentation_matches_the_graph(tmp_path):
     """data.dali_augment=host (DALI decode + uint8 crops, fused kernel) vs graph (all in DALI, float
     resize): the same drawn choices, pixels equal up to the resize rounding."""
     pytest.importorskip("nvidia.dali")
-    from PIL import Image
-
+    from conftest import write_colour_folder
     from pipelines import dali as D
     from wcl_fast.config import DataConfig
 
-    rng = np.random.default_rng(0)
-    for c in range(2):
-        (tmp_path / f"c{c}").mkdir()
-        for i in range(12):
-            h, w = (int(v) for v in rng.integers(50, 110, 2))
-            yy, xx = np.mgrid[0:h, 0:w]
-            img = np.stack([np.sin(xx / rng.uniform(4, 12)) * 100 + 120, np.cos(yy / rng.uniform(4, 12)) * 100 + 120,
-                            (xx + yy) / (h + w) * 255], -1) + rng.normal(0, 6, (h, w, 3))
-            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(tmp_path / f"c{c}" / f"{i}.jpg", quality=92)
+    write_colour_folder(tmp_path, classes=2, per_class=12, sizes=(50, 110))
     cfg = DataConfig(train_dir=str(tmp_path), batch_size=24, workers=2, global_size=40, local_crops=2, local_size=20,
                      aug_switch_epoch=0)
     host = next(D.DaliMultiCropLoader(cfg, seed=1, rank=0, world=1, augment="host").epoch(3))

@@ -12,6 +12,7 @@ from PIL import Image
 
 pytest.importorskip("nvidia.dali")
 
+from conftest import write_colour_folder, write_odd_images  # noqa: E402
 from pipelines import dali as D  # noqa: E402
 from pipelines import reference as R  # noqa: E402
 from wcl_fast.config import DataConfig, load_config  # noqa: E402
@@ -22,19 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def colour_folder(tmp_path_factory):
     """3 classes x 30 colourful JPEGs of varied sizes (smooth colour fields + noise)."""
-    root = tmp_path_factory.mktemp("colour")
-    rng = np.random.default_rng(0)
-    for c in range(3):
-        (root / f"c{c}").mkdir()
-        for i in range(30):
-            h, w = (int(v) for v in rng.integers(40, 120, 2))
-            yy, xx = np.mgrid[0:h, 0:w]
-            img = np.stack([(np.sin(xx / rng.uniform(3, 15) + rng.uniform(0, 6)) * 0.5 + 0.5) * 255 * rng.uniform(0.3, 1),
-                            (np.cos(yy / rng.uniform(3, 15)) * 0.5 + 0.5) * 255 * rng.uniform(0.3, 1),
-                            (xx + yy) / (h + w) * 255 * rng.uniform(0.3, 1)], -1)
-            img = np.clip(img + rng.normal(0, 10, img.shape), 0, 255).astype(np.uint8)
-            Image.fromarray(img).save(root / f"c{c}" / f"{i}.jpg", quality=90)
-    return root
+    return write_colour_folder(tmp_path_factory.mktemp("colour"))
 
 
 def _cfg(root, **kw):
@@ -126,19 +115,8 @@ def test_two_shards_cover_each_epoch_once(colour_folder):
 
 
 def test_odd_and_corrupt_files_are_decoded_or_skipped(tmp_path, capsys):
-    folder = tmp_path / "a"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    rgb = Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8))
-    rgb.convert("CMYK").save(folder / "cmyk.jpg")
-    rgb.convert("L").save(folder / "gray.jpg")
-    rgb.convert("P").save(folder / "palette.png")
-    rgb.convert("RGBA").save(folder / "alpha.png")
-    Image.new("RGB", (1, 1), (200, 10, 10)).save(folder / "tiny.jpg")
-    rgb.save(folder / "ok.jpg")
-    data = (folder / "ok.jpg").read_bytes()
-    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
-    (folder / "garbage.jpg").write_bytes(b"not an image" * 10)
+    write_odd_images(tmp_path / "a", ["cmyk.jpg", "gray.jpg", "palette.png", "alpha.png", "tiny.jpg", "ok.jpg",
+                                      "truncated.jpg", "garbage.jpg"])
     cfg = DataConfig(train_dir=str(tmp_path), batch_size=8, workers=1, global_size=16, local_crops=1, local_size=8)
     loader = D.DaliMultiCropLoader(cfg, seed=0, rank=0, world=1)
     batch = next(loader.epoch(0))

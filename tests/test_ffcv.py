@@ -9,6 +9,7 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from conftest import write_odd_images
 from pipelines import augment as A
 from pipelines.reference import StepSampler
 
@@ -180,18 +181,8 @@ def test_odd_images_never_crash_the_loader(tmp_path):
     from pipelines.convert import convert
     from pipelines.ffcv import FFCVMultiCropLoader
 
-    src = tmp_path / "src" / "a"
-    src.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    rgb = Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8))
-    rgb.convert("CMYK").save(src / "cmyk.jpg")
-    rgb.convert("L").save(src / "gray.jpg")
-    rgb.convert("P").save(src / "palette.png")
-    rgb.convert("RGBA").save(src / "png_as.jpg", format="PNG")
-    Image.new("RGB", (1, 1), (200, 10, 10)).save(src / "tiny.jpg")
-    Image.new("RGB", (3, 500), (10, 200, 10)).save(src / "thin.jpg")
-    data = rgb.tobytes()
-    (src / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0" + data[:100])
+    write_odd_images(tmp_path / "src" / "a", ["cmyk.jpg", "gray.jpg", "palette.png", "png_as.jpg", "tiny.jpg", "thin.jpg",
+                                               "truncated.jpg"])
     summary = convert(str(tmp_path / "src"), str(tmp_path / "odd.beton"), workers=1, quiet=True)
     assert summary["count"] == 6 and len(summary["skipped"]) == 1
     loader = FFCVMultiCropLoader(_cfg(tmp_path / "odd.beton", batch_size=6, local_crops=1), seed=0, rank=0, world=1)
