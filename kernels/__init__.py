@@ -33,15 +33,17 @@ def triton_available() -> bool:
     return True
 
 
-def _resolve_backend(backend: str, tensor: torch.Tensor) -> str:
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """'triton' or 'torch' for tensors on `device`; RuntimeError when 'triton' cannot run there."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    cuda = torch.device(device).type == "cuda"
     if backend == "auto":
-        return "triton" if tensor.is_cuda and triton_available() else "torch"
+        return "triton" if cuda and triton_available() else "torch"
     if backend == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
-        if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before the process starts")
     return backend
 
@@ -57,7 +59,7 @@ def nearest_neighbor(
 
     See `kernels.nearest_neighbor.nearest_neighbor_torch` for the exact semantics.
     """
-    if _resolve_backend(backend, queries) == "triton":
+    if resolve_backend(backend, queries.device) == "triton":
         from kernels.nearest_neighbor_triton import nearest_neighbor_triton
 
         return nearest_neighbor_triton(queries, keys, query_groups, key_groups)
@@ -115,7 +117,7 @@ def similarity_nearest_neighbor(
     "torch": a float32 matmul for the logits and nearest_neighbor_torch for the indices.
     """
     columns = keys.shape[0] if logit_columns is None else int(logit_columns)
-    if _resolve_backend(backend, queries) == "triton":
+    if resolve_backend(backend, queries.device) == "triton":
         dtype = queries.dtype if queries.dtype == keys.dtype else torch.float32
         return _FusedSimilarity.apply(queries.to(dtype), keys.to(dtype), query_groups, key_groups, float(tau), columns)
     idx = nearest_neighbor_torch(queries.detach(), keys.detach(), query_groups, key_groups)

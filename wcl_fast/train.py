@@ -76,17 +76,16 @@ def resolve_resume(cfg: Config) -> Path | None:
 
 
 def check_similarity_backend(cfg: Config, device: torch.device) -> None:
-    """loss.similarity_backend=triton needs the triton package, and on the CPU the Triton interpreter."""
-    if cfg.loss.similarity_backend != "triton" or cfg.loss.multicrop_rule != "knn":
+    """loss.similarity_backend must be able to run on this device (kernels.resolve_backend decides)."""
+    if cfg.loss.multicrop_rule != "knn":
         return
     import kernels
 
-    if not kernels.triton_available():
-        raise ConfigError("loss.similarity_backend=triton needs the triton package (pip install triton); "
-                          "or use loss.similarity_backend=auto")
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ConfigError("loss.similarity_backend=triton on the CPU runs only under the Triton interpreter: start "
-                          "with TRITON_INTERPRET=1 (slow; for tests) or use loss.similarity_backend=auto")
+    try:
+        kernels.resolve_backend(cfg.loss.similarity_backend, device)
+    except RuntimeError as exc:
+        raise ConfigError(f"loss.similarity_backend={cfg.loss.similarity_backend}: {exc}; "
+                          f"or use loss.similarity_backend=auto") from None
 
 
 def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
