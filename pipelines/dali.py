@@ -252,9 +252,9 @@ class DaliMultiCropLoader:
             return MultiCropBatch(globals_, locals_, torch.tensor(index, dtype=torch.int64),
                                   torch.tensor(label, dtype=torch.int64), failed)
 
-        if self.augment == "host":  # DALI's uint8 crops (copied out of its buffers) -> the fused CPU kernel
-            crops = [np.array(out.as_cpu().as_array() if self.device_id is not None else out.as_array())
-                     for out in outputs]
+        if self.augment == "host":  # DALI's uint8 crops -> the fused CPU kernel (as_array copies them out of
+            # DALI's buffers, so the next run cannot overwrite them)
+            crops = [(out.as_cpu() if self.device_id is not None else out).as_array() for out in outputs]
             return lambda: batch(*self._host_augment(crops, params))
         crops = [_to_torch(out, self.device_id) for out in outputs]  # [b, H, W, 3] each
         globals_ = torch.cat(crops[:self.num_global]).permute(0, 3, 1, 2)  # view-major, channels-last strides
