@@ -272,10 +272,10 @@ def test_sync_free_edge_components_report_convergence():
     assert not bool(converged) and len(set(labels.tolist())) > 1  # one round cannot label a long path
     exact = connected_components_edges(path[:-1], path[1:], n)
     assert len(set(exact.tolist())) == 1
-    x = normalized(n, 16, seed=1)
-    image = torch.arange(n) // 4  # 1024 images x 4 crops
-    from wcl_fast.objectives.wcl import knn_image_labels
+    x = normalized(n, 16, seed=1).view(n // 4, 4, 16)  # 1024 images x 4 crops (2 global, 2 local)
+    from wcl_fast.objectives.wcl import knn_batch_labels
 
-    fixed, ok = knn_image_labels(x, image, n // 4, fixed_blocks=2)
+    u1, u2, u_local = x[:, 0], x[:, 1], torch.cat([x[:, 2], x[:, 3]])
+    fixed, ok = knn_batch_labels(u1, u2, u_local, fixed_blocks=2)
     assert bool(ok)
-    assert torch.equal(fixed, knn_image_labels(x, image, n // 4))
+    assert torch.equal(fixed, knn_batch_labels(u1, u2, u_local))

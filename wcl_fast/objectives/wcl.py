@@ -74,25 +74,6 @@ def weak_labels_sharded(u_local: torch.Tensor, u_all: torch.Tensor, offset: int)
     return kernels.connected_components(wdist.gather_rows(local_nn))  # [N]
 
 
-@torch.no_grad()
-def knn_image_labels(crops_all: torch.Tensor, crop_image: torch.Tensor, num_images: int,
-                     local_rows: tuple[int, int] | None = None, fixed_blocks: int | None = None):
-    """Image-level weak labels of the `knn` multi-crop rule (spec wcl.md section 3).
-
-    crops_all [C, D]: head-2 embeddings of every crop of the global batch; crop_image [C]: its image id.
-    Each crop's 1-NN is searched among crops of OTHER images; images i and j are linked when a crop
-    of i has a crop of j as its 1-NN; the label of an image is its component. local_rows=(start, stop)
-    restricts the search to this rank's crops and all-gathers the indices (same labels on every rank).
-    fixed_blocks=K: sync-free labelling, returns (labels, converged flag) (see connected_components_edges).
-    """
-    queries = crops_all if local_rows is None else crops_all[local_rows[0]:local_rows[1]]
-    query_image = crop_image if local_rows is None else crop_image[local_rows[0]:local_rows[1]]
-    nn_idx = kernels.nearest_neighbor(queries.detach(), crops_all.detach(), query_image, crop_image)
-    if local_rows is not None:
-        nn_idx = wdist.gather_rows(nn_idx)
-    return kernels.connected_components_edges(crop_image, crop_image[nn_idx], num_images, fixed_blocks=fixed_blocks)
-
-
 def _knn_crops(u1: torch.Tensor, u2: torch.Tensor, u_local: torch.Tensor | None,
                u1_all: torch.Tensor | None = None, u2_all: torch.Tensor | None = None):
     """This rank's crops as queries, every crop of the global batch as keys, for the knn rule.
@@ -207,7 +188,7 @@ def wcl_loss_terms(
     z_local, u_local: local-crop embeddings [L*b, D] (crop-major: crop l of sample i is row l*b+i),
     anchored with the `inherit` or `knn` rule of spec section 3; None for the 2-view recipe.
     labels: precomputed (y1, y2) [N]; default: computed here from u1_all / u2_all.
-    rule='knn': head 2 uses one label per image, `image_labels` [N] (see knn_image_labels); every
+    rule='knn': head 2 uses one label per image, `image_labels` [N] (see knn_batch_labels); every
     crop is anchored against all 2N global keys except its own column, positives = keys of images
     with the same label.
     Returns the head-1 and head-2 terms, each the mean over all of this rank's anchors.
@@ -218,7 +199,7 @@ def wcl_loss_terms(
     if rule not in ("inherit", "knn"):
         raise ValueError(f"unknown multi-crop rule {rule!r}; use 'inherit' or 'knn'")
     if rule == "knn" and image_labels is None:
-        raise ValueError("rule='knn' needs image_labels (knn_image_labels of all crops)")
+        raise ValueError("rule='knn' needs image_labels (knn_batch_labels of all crops)")
     if rule == "inherit":
         y1, y2 = labels if labels is not None else (weak_labels(u1_all), weak_labels(u2_all))
 
