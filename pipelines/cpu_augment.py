@@ -57,6 +57,7 @@ def _compile():
     jit = numba.njit(nogil=True, cache=True)
     f32 = np.float32
     lr, lg, lb = f32(0.299), f32(0.587), f32(0.114)
+    factors_at, order_at = P_FACTORS.start, P_ORDER.start  # the parameter layout above, as ints
 
     # Every pass below runs over planar float32 planes x[c, p] (p = y * w + x) so LLVM vectorises it.
     @jit
@@ -150,7 +151,7 @@ def _compile():
                     out[i] += k * line[i]
 
     @jit
-    def augment_rows(src, offset, size, dst, params, start, stop, quantize, radius, mean, inv_std):
+    def augment_rows(src, size, dst, params, start, stop, quantize, radius, mean, inv_std):
         h = w = size
         n = h * w
         x = np.empty((3, n), np.float32)
@@ -160,13 +161,13 @@ def _compile():
         for i in range(start, stop):
             p = params[i]
             for q in range(n):  # de-interleave HWC uint8 into planes
-                x[0, q] = f32(src[i, offset + 3 * q])
-                x[1, q] = f32(src[i, offset + 3 * q + 1])
-                x[2, q] = f32(src[i, offset + 3 * q + 2])
-            if p[4] > 0.5:
+                x[0, q] = f32(src[i, 3 * q])
+                x[1, q] = f32(src[i, 3 * q + 1])
+                x[2, q] = f32(src[i, 3 * q + 2])
+            if p[P_JITTER] > 0.5:
                 for s in range(4):
-                    op = int(p[9 + s] + 0.5)
-                    factor = p[5 + op]
+                    op = int(p[order_at + s] + 0.5)
+                    factor = p[factors_at + op]
                     if op == 0:
                         blend(x, n, factor, f32(0.0), quantize)
                     elif op == 1:
@@ -175,14 +176,14 @@ def _compile():
                         saturation(x, n, factor, quantize)
                     else:
                         hue(x, n, factor)
-            if p[13] > 0.5:
+            if p[P_GRAY] > 0.5:
                 for q in range(n):
                     luma = lr * x[0, q] + lg * x[1, q] + lb * x[2, q]
                     x[0, q] = luma
                     x[1, q] = luma
                     x[2, q] = luma
-            if p[14] > 0.5:
-                sigma = p[15]
+            if p[P_BLUR] > 0.5:
+                sigma = p[P_SIGMA]
                 rad = radius if radius > 0 else int(np.ceil(f32(3.0) * sigma))
                 taps = np.empty(2 * rad + 1, np.float32)
                 for t in range(2 * rad + 1):
@@ -192,7 +193,7 @@ def _compile():
                 for c in range(3):  # horizontal taps along the rows, then vertical along the columns
                     blur_rows(x[c].reshape((h, w)), tmp[c].reshape((h, w)), taps, rad, h, w)
                     blur_columns(tmp[c].reshape((h, w)), x[c].reshape((h, w)), taps, rad, h, w)
-            flip = p[16] > 0.5
+            flip = p[P_FLIP] > 0.5
             for yy in range(h):  # interleave, flip, normalise into the output
                 for xx in range(w):
                     q = yy * w + xx
@@ -209,16 +210,16 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     return _POOLS[threads]
 
 
-def _rows(view: np.ndarray) -> tuple[np.ndarray, int]:
+def _rows(view: np.ndarray) -> np.ndarray:
     """A uint8 [b, S, S, 3] array whose crops are each contiguous (a C-contiguous batch, or FFCV's
-    [b, T] records sliced per crop) as ([b, S*S*3] rows, 0) without a copy; copied otherwise."""
+    [b, T] records sliced per crop) as [b, S*S*3] rows without a copy; copied otherwise."""
     if view.dtype != np.uint8 or view.ndim != 4 or view.shape[3] != 3 or view.shape[1] != view.shape[2]:
         raise ValueError(f"crops: expected uint8 [b, S, S, 3], got {view.dtype} {list(view.shape)}")
     size = view.shape[1]
     if view.strides[1:] != (size * 3, 3, 1):
         view = np.ascontiguousarray(view)
     rows = np.lib.stride_tricks.as_strided(view, shape=(view.shape[0], size * size * 3), strides=(view.strides[0], 1))
-    return rows, 0
+    return rows
 
 
 def augment_crops(views: list, params: np.ndarray, mean, std, *, quantize: bool = False, radius: int = 6,
@@ -230,7 +231,7 @@ def augment_crops(views: list, params: np.ndarray, mean, std, *, quantize: bool 
     if _KERNEL is None:
         _KERNEL = _compile()
     arrays = [_rows(v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for v in views]
-    b, size = arrays[0][0].shape[0], int(views[0].shape[1])
+    b, size = arrays[0].shape[0], int(views[0].shape[1])
     params = np.ascontiguousarray(params, dtype=np.float32)
     if params.shape != (len(arrays) * b, NUM_PARAMS):
         raise ValueError(f"params: expected shape {(len(arrays) * b, NUM_PARAMS)}, got {params.shape}")
@@ -244,8 +245,7 @@ def augment_crops(views: list, params: np.ndarray, mean, std, *, quantize: bool 
 
     def run(task):
         v, s, e = task
-        rows, offset = arrays[v]
-        _KERNEL(rows, offset, size, out_np[v * b:(v + 1) * b], params[v * b:(v + 1) * b], s, e, quantize, radius, mean_np, inv_std)
+        _KERNEL(arrays[v], size, out_np[v * b:(v + 1) * b], params[v * b:(v + 1) * b], s, e, quantize, radius, mean_np, inv_std)
 
     if threads == 1 or len(tasks) == 1:
         for task in tasks:
