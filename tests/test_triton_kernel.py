@@ -144,3 +144,13 @@ def test_kernel_bench_writes_table_and_json(tmp_path, capsys):
     assert {r["path"] for r in rows} >= {"gemm", "reference", "torch", "triton"}
     assert all(r["ms"] > 0 for r in rows)
     assert "x GEMM" in capsys.readouterr().out
+
+
+def test_group_ids_are_compared_as_int32_and_checked_on_the_device():
+    x = normalized(40, 8, seed=11).to(DEVICE)
+    image = torch.arange(40, device=DEVICE) // 4
+    got, ref = _both(x, x, image + (2**31 - 11), image + (2**31 - 11))  # the largest ids that fit
+    assert torch.equal(got, ref) and torch.equal(got, kernels.nearest_neighbor(x, x, image, image, backend="torch"))
+    if DEVICE == "cpu":  # on CUDA the check is a device-side assert (no host synchronisation)
+        with pytest.raises(RuntimeError, match="group ids must fit in int32"):
+            kernels.nearest_neighbor(x, x, image + 2**40, image + 2**40, backend="triton")
