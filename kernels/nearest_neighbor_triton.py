@@ -11,7 +11,7 @@ same kernel writes the scaled logits s / tau of every query against the first C 
 fp32 buffer ("fused similarity matrix" path for the loss: kernels.similarity_nearest_neighbor).
 
 On CUDA the launch configuration (BLOCK_M, BLOCK_N, warps, pipeline stages) is autotuned once per
-(M, N, D, dtype, variant) among CUDA_CONFIGS; BLOCK_D is fixed by dtype and D, so every candidate sums
+(M, N, D, dtype, variant) among CUDA_CONFIGS (WCL_TRITON_AUTOTUNE=0: the first candidate, no tuning); BLOCK_D is fixed by dtype and D, so every candidate sums
 the dot products in the same order. `python -m kernels.aot` compiles every candidate for sm_80/sm_90
 without a GPU and reports registers, spills, shared memory and tensor-core use.
 
@@ -20,6 +20,8 @@ set before import (the tests do this); on CUDA it compiles for the device.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -27,9 +29,10 @@ import triton.language as tl
 # (BLOCK_M, BLOCK_N, num_warps, num_stages): the autotuner's candidates on CUDA. Chosen with
 # `python -m kernels.aot`: for sm_80 and sm_90 at D = 128 and 256 none of them spills registers (the
 # largest 16-bit tile needs 192-256 KiB of shared memory at D = 256 and is skipped where it does not fit).
-HALF_CONFIGS = ((64, 64, 4, 3), (64, 64, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 128, 8, 3),
-                (128, 32, 4, 3))
-FP32_CONFIGS = ((64, 64, 8, 2), (64, 64, 8, 3), (32, 64, 4, 2), (128, 64, 8, 2))
+# The first of each list is the fixed configuration used with WCL_TRITON_AUTOTUNE=0 (the tests: each
+# candidate costs a compilation per input specialisation).
+HALF_CONFIGS = ((64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 128, 8, 3))
+FP32_CONFIGS = ((64, 64, 8, 2), (32, 64, 4, 2), (128, 64, 8, 2))
 CUDA_CONFIGS = HALF_CONFIGS + tuple(c for c in FP32_CONFIGS if c not in HALF_CONFIGS)
 INTERPRETER_BLOCKS = (64, 64)  # fixed blocks under TRITON_INTERPRET=1 (no autotuning there)
 
@@ -168,8 +171,14 @@ def nearest_neighbor_triton(queries: torch.Tensor, keys: torch.Tensor | None = N
     constants = kernel_constants(queries.dtype, dim, has_groups, write_logits)
     args = (queries, keys, qg, kg, out_idx, out_max, logits, m, n, dim, queries.stride(0), keys.stride(0),
             logits.stride(0) if write_logits else 0, 1.0 / logits_tau if write_logits else 1.0, columns)
-    if device.type == "cuda" and block_m is None and block_n is None:
+    forced = block_m is not None or block_n is not None
+    if device.type == "cuda" and not forced and os.environ.get("WCL_TRITON_AUTOTUNE", "1") != "0":
         _nn_kernel_tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](*args, **constants)
+    elif device.type == "cuda":
+        default_m, default_n, warps, stages = configs_for(constants["IEEE"])[0]
+        block_m, block_n = block_m or default_m, block_n or default_n
+        _nn_kernel[(triton.cdiv(m, block_m),)](*args, **constants, BLOCK_M=block_m, BLOCK_N=block_n,
+                                                num_warps=warps, num_stages=stages)
     else:
         block_m = block_m or INTERPRETER_BLOCKS[0]
         block_n = block_n or INTERPRETER_BLOCKS[1]

@@ -8,6 +8,9 @@ import torch
 
 if not torch.cuda.is_available():  # Triton kernels run under the interpreter on CPU (read at import time)
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# CUDA: the Triton kernel's fixed launch configuration (autotuning compiles every candidate for every
+# input specialisation the tests create); tests/test_triton_kernel.py exercises the autotuner itself
+os.environ.setdefault("WCL_TRITON_AUTOTUNE", "0")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

@@ -154,3 +154,18 @@ def test_group_ids_are_compared_as_int32_and_checked_on_the_device():
     if DEVICE == "cpu":  # on CUDA the check is a device-side assert (no host synchronisation)
         with pytest.raises(RuntimeError, match="group ids must fit in int32"):
             kernels.nearest_neighbor(x, x, image + 2**40, image + 2**40, backend="triton")
+
+
+@requires_cuda
+def test_autotuned_launch_gives_the_fixed_configurations_results(monkeypatch):
+    from kernels.nearest_neighbor_triton import _nn_kernel_tuned, nearest_neighbor_triton
+
+    q = normalized(2048, 256, seed=12, dtype=torch.bfloat16).cuda()
+    image = torch.arange(2048, device="cuda") // 8
+    fixed_idx, fixed_logits = nearest_neighbor_triton(q, q, image, image, logits_tau=0.1, logit_columns=512)
+    monkeypatch.setenv("WCL_TRITON_AUTOTUNE", "1")
+    tuned_idx, tuned_logits = nearest_neighbor_triton(q, q, image, image, logits_tau=0.1, logit_columns=512)
+    assert _nn_kernel_tuned.best_config is not None
+    # the D chunk is fixed, so every candidate sums each dot product in the same order
+    assert torch.equal(tuned_idx, fixed_idx)
+    torch.testing.assert_close(tuned_logits, fixed_logits, rtol=0, atol=1e-6)
