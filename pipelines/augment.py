@@ -5,14 +5,15 @@ each colour operation): ColorJitter with probability jitter_p (brightness, contr
 factors ~ U[max(0, 1-s), 1+s], hue ~ U[-h, h], applied in a random order per crop), grayscale
 (ITU-R 601-2 luma) with gray_p, Gaussian blur with blur_p (sigma ~ U[0.1, 2.0], 13-tap separable
 kernel, reflect padding, as torchvision.transforms.functional.gaussian_blur), horizontal flip with
-flip_p, then normalisation. Every random choice comes from the given torch.Generator (on the CPU) as
-one [n, NUM_PARAMS] vector per crop (draw_params) and reaches the device in one copy without a host
+flip_p, then normalisation. Every random choice is one [n, NUM_PARAMS] vector per crop, made on the
+CPU either from a torch.Generator (draw_params) or from keyed uniforms of (seed, epoch, sample index,
+crop slot) (keyed_params: what the FFCV loader uses), and reaches the device in one copy without a host
 sync; the ops have no data-dependent shapes on CUDA. On the CPU, augment_views hands the same vector
 to the fused numba kernel of pipelines/cpu_augment.py (equal within 1e-4, several times faster).
 """
 from __future__ import annotations
 
-
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -86,28 +87,57 @@ def _apply_where(x, mask, op, arg):
     return x
 
 
-def draw_params(n: int, recipe, generator: torch.Generator) -> torch.Tensor:
-    """The random choices of n crops as the [n, NUM_PARAMS] float32 vector of pipelines/cpu_augment.py
-    (CPU), drawn from `generator` in a fixed order: jitter coin, 4 factors, operation order, gray coin,
-    blur sigma, blur coin, flip coin."""
+NUM_DRAWS = 13  # uniforms per crop: jitter coin, 4 factors, 4 order keys, gray coin, sigma, blur coin, flip coin
+
+
+def params_from_uniforms(u: torch.Tensor, recipe) -> torch.Tensor:
+    """[n, NUM_DRAWS] uniforms in [0, 1) -> the [n, NUM_PARAMS] float32 parameter vectors of
+    pipelines/cpu_augment.py: columns 0 jitter coin, 1-4 factors, 5-8 keys whose argsort is the
+    operation order, 9 gray coin, 10 blur sigma, 11 blur coin, 12 flip coin."""
     from pipelines import cpu_augment as C
 
+    n = u.shape[0]
+    b, c, s, h = recipe.jitter
+    p = torch.zeros(n, C.NUM_PARAMS)
+    p[:, C.P_JITTER] = (u[:, 0] < recipe.jitter_p).float()
+    lo = torch.tensor([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h])
+    hi = torch.tensor([1 + b, 1 + c, 1 + s, h])
+    p[:, C.P_FACTORS] = lo + u[:, 1:5] * (hi - lo)
+    p[:, C.P_ORDER] = u[:, 5:9].argsort(dim=1).float()  # a random permutation of the 4 operations per crop
+    p[:, C.P_GRAY] = (u[:, 9] < recipe.gray_p).float()
+    p[:, C.P_SIGMA] = recipe.blur_sigma[0] + u[:, 10] * (recipe.blur_sigma[1] - recipe.blur_sigma[0])
+    p[:, C.P_BLUR] = (u[:, 11] < recipe.blur_p).float()
+    p[:, C.P_FLIP] = (u[:, 12] < recipe.flip_p).float()
+    return p
+
+
+def draw_params(n: int, recipe, generator: torch.Generator) -> torch.Tensor:
+    """The random choices of n crops ([n, NUM_PARAMS], see params_from_uniforms) drawn from `generator`
+    in a fixed order: jitter coins, factors, order keys, gray coins, sigmas, blur coins, flip coins."""
     def draw(*shape):
         return torch.rand(*shape, generator=generator)
 
-    b, c, s, h = recipe.jitter
-    p = torch.zeros(n, C.NUM_PARAMS)
-    p[:, C.P_JITTER] = (draw(n) < recipe.jitter_p).float()
-    u = draw(n, 4)
-    lo = torch.tensor([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h])
-    hi = torch.tensor([1 + b, 1 + c, 1 + s, h])
-    p[:, C.P_FACTORS] = lo + u * (hi - lo)
-    p[:, C.P_ORDER] = draw(n, 4).argsort(dim=1).float()  # a random permutation of the 4 operations per crop
-    p[:, C.P_GRAY] = (draw(n) < recipe.gray_p).float()
-    p[:, C.P_SIGMA] = recipe.blur_sigma[0] + draw(n) * (recipe.blur_sigma[1] - recipe.blur_sigma[0])
-    p[:, C.P_BLUR] = (draw(n) < recipe.blur_p).float()
-    p[:, C.P_FLIP] = (draw(n) < recipe.flip_p).float()
-    return p
+    u = torch.empty(n, NUM_DRAWS)
+    u[:, 0] = draw(n)
+    u[:, 1:5] = draw(n, 4)
+    u[:, 5:9] = draw(n, 4)
+    u[:, 9] = draw(n)
+    u[:, 10] = draw(n)
+    u[:, 11] = draw(n)
+    u[:, 12] = draw(n)
+    return params_from_uniforms(u, recipe)
+
+
+def keyed_params(seed: int, epoch: int, index, slots, recipe) -> torch.Tensor:
+    """The choices of crop slots `slots` of samples `index` (view-major: all samples of slots[0], then
+    slots[1], ...) from keyed uniforms of (seed, epoch, index, slot): a sample's crops do not depend on
+    its batch, rank or position (pipelines/keyed_random.py)."""
+    from pipelines.keyed_random import keys, uniforms
+
+    index = np.asarray(index, dtype=np.int64).reshape(1, -1)
+    slot = np.asarray(list(slots), dtype=np.int64).reshape(-1, 1)
+    u = uniforms(keys(seed, epoch, index, slot), NUM_DRAWS)  # [len(slots) * b, NUM_DRAWS], view-major
+    return params_from_uniforms(torch.from_numpy(u).float(), recipe)
 
 
 def apply_params(x: torch.Tensor, p: torch.Tensor, mean, std) -> torch.Tensor:
@@ -131,16 +161,24 @@ def apply_params(x: torch.Tensor, p: torch.Tensor, mean, std) -> torch.Tensor:
     return ((x - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
 
 
-def augment_views(views: list[torch.Tensor], recipe, mean, std, generator: torch.Generator, impl: str = "auto",
-                  threads: int | None = None) -> torch.Tensor:
+def augment_views(views: list[torch.Tensor], recipe, mean, std, generator: torch.Generator | None = None,
+                  impl: str = "auto", threads: int | None = None, params: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 crops [b, S, S, 3] per view -> augmented, normalised float [V*b, 3, S, S] (channels-last),
     view-major. impl "torch": batched tensor ops on the views' device (the GPU path); "fused": the
     numba kernel of pipelines/cpu_augment.py (CPU tensors only); "auto": fused on the CPU when numba is
-    installed, torch otherwise. Both make the same random choices from `generator`."""
+    installed, torch otherwise. Both make the same random choices: `params` ([V*b, NUM_PARAMS], e.g.
+    keyed_params) or, without them, draw_params from `generator`."""
     from pipelines import cpu_augment as C
 
     device = views[0].device
-    p = draw_params(sum(v.shape[0] for v in views), recipe, generator)
+    n = sum(v.shape[0] for v in views)
+    if params is None:
+        if generator is None:
+            raise ValueError("augment_views needs a generator or params")
+        params = draw_params(n, recipe, generator)
+    elif tuple(params.shape) != (n, C.NUM_PARAMS):
+        raise ValueError(f"params: expected shape ({n}, {C.NUM_PARAMS}), got {tuple(params.shape)}")
+    p = params
     if impl == "auto":
         impl = "fused" if device.type == "cpu" and C.available() else "torch"
     if impl == "fused":

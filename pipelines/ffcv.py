@@ -6,8 +6,12 @@ scratch buffer and cuts the 2 global + L local random-resized crops from it with
 `resize_crop` (OpenCV area/linear resize), writing them into one flat uint8 record per sample.
 Crop boxes follow torchvision's RandomResizedCrop sampler (FFCV's `get_random_crop`: 10 tries of
 area ~ U(scale) and log-aspect ~ U(log ratio), else a central crop); the numba generator is seeded
-per sample from (seed, the batch's first sample id, the sample id), so a given batch order gives the
-same crops on every run (and after a resume), while the crops of a sample change between epochs.
+per sample from the key (seed, epoch, sample id) (pipelines/keyed_random.py), and the colour / grey /
+blur / flip choices are keyed uniforms of (seed, epoch, sample id, crop slot): every random choice of a
+sample depends on (seed, epoch, index) only -- not on its batch, the batch size, the world size or the
+resume point -- as in the reference and DALI loaders. The compiled decoder learns the epoch from a
+one-element array ("epoch cell") that the loader writes before each epoch and the decoder reads
+through its address (FFCV hands a decoder the batch's sample ids, not the epoch).
 
 Everything after the crop runs as batched tensor ops on the training device (pipelines/augment.py):
 ColorJitter (p 0.8, random order), grayscale (0.2), Gaussian blur (0.5), flip, normalisation,
@@ -15,13 +19,14 @@ channels-last; without a GPU the same choices go through the fused CPU kernel (p
 slices, drop_last), through a custom FFCV TraversalOrder.
 
 Differences from the reference loader (documented, tested for statistics): the crop is resized
-with OpenCV (FFCV) instead of PIL bilinear, the random draws come from numba / torch generators
-instead of numpy's default_rng([seed, epoch, index]), the .beton holds images re-encoded at
+with OpenCV (FFCV) instead of PIL bilinear, the random draws come from the keyed generators above
+instead of numpy's default_rng([seed, epoch, index]) (same law, other numbers), the .beton holds images re-encoded at
 --max-resolution, and the augmentation phase switch (MoCo-v2 -> SimCLR crop scale) rebuilds the
 FFCV pipeline once (one numba compilation).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 from pathlib import Path
 
@@ -41,10 +46,55 @@ def _import_ffcv():
                           "or apt-get install pkg-config libturbojpeg0-dev libopencv-dev && pip install ffcv==1.0.2") from None
 
 
-def make_decoder(sizes: list[int], scales: list[tuple[float, float]], seed: int, decode_each_crop: bool = False):
+def ffcv_workers(cfg: DataConfig) -> int:
+    """data.workers for FFCV's Loader, capped at numba's thread count (FFCV runs its workers as numba
+    threads; more than NUMBA_NUM_THREADS, by default the machine's cores, would stop the loader)."""
+    import warnings
+
+    import numba
+
+    cap = numba.config.NUMBA_NUM_THREADS
+    if cfg.workers > cap:
+        warnings.warn(f"data.workers={cfg.workers} exceeds the {cap} threads FFCV can run here (numba's "
+                      f"NUMBA_NUM_THREADS); using {cap}", stacklevel=2)
+    return max(1, min(cfg.workers, cap))
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_helpers():
+    """(read_int64(address), crop_seed(seed, epoch, sample id)) as numba functions for the decoder."""
+    import numba
+    from numba import types
+    from numba.extending import intrinsic
+
+    from pipelines.keyed_random import mix
+
+    @intrinsic
+    def read_int64(typingctx, address):
+        """The int64 stored at `address` (the loader's epoch cell, kept alive by the loader)."""
+        def codegen(context, builder, signature, args):
+            pointer = builder.inttoptr(args[0], context.get_value_type(types.int64).as_pointer())
+            return builder.load(pointer)
+        return types.int64(types.int64), codegen
+
+    mix_c = numba.njit(mix)
+
+    @numba.njit
+    def crop_seed(seed, epoch, sample):
+        h = mix_c(mix_c(mix_c(np.uint64(seed)) ^ np.uint64(epoch)) ^ np.uint64(sample))
+        return np.int64(h >> np.uint64(33))  # 31 bits: np.random.seed takes an unsigned 32-bit value
+
+    return read_int64, crop_seed
+
+
+def make_decoder(sizes: list[int], scales: list[tuple[float, float]], seed: int, epoch_cell: np.ndarray,
+                 decode_each_crop: bool = False):
     """A MultiCropDecoder operation instance (built lazily: FFCV is an optional dependency).
-    decode_each_crop=True decodes the JPEG again for every crop: the cost of 8 separate decoders,
-    kept only as the baseline of `python -m pipelines.bench --backend ffcv8`."""
+    epoch_cell: int64 [1] array holding the epoch being decoded (written by the loader before each
+    epoch; it must outlive the decoder). decode_each_crop=True decodes the JPEG again for every crop:
+    the cost of 8 separate decoders, kept only as the baseline of `python -m pipelines.bench --backend ffcv8`."""
+    if epoch_cell.dtype != np.int64 or epoch_cell.shape != (1,) or not epoch_cell.flags.c_contiguous:
+        raise ValueError("epoch_cell must be a contiguous int64 array of shape (1,)")
     from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder, get_random_crop
     from ffcv.libffcv import imdecode, resize_crop
     from ffcv.pipeline.allocation_query import AllocationQuery
@@ -59,6 +109,7 @@ def make_decoder(sizes: list[int], scales: list[tuple[float, float]], seed: int,
             self.offsets = np.concatenate([[0], np.cumsum(self.sizes * self.sizes * 3)]).astype(np.int64)
             self.scales = np.array(scales, dtype=np.float64)  # [C, 2]
             self.seed = int(seed)
+            self.epoch_cell = epoch_cell  # referenced here so it lives as long as the compiled code
 
         def declare_state_and_memory(self, previous_state):
             widths, heights = self.metadata["width"], self.metadata["height"]
@@ -76,16 +127,18 @@ def make_decoder(sizes: list[int], scales: list[tuple[float, float]], seed: int,
             resize_crop_c = Compiler.compile(resize_crop)
             get_crop_c = Compiler.compile(get_random_crop)
             sizes, offsets, scales, seed = self.sizes, self.offsets, self.scales, self.seed
+            read_int64, crop_seed = _compiled_helpers()
+            epoch_address = self.epoch_cell.ctypes.data
             redecode = decode_each_crop
             ratio = np.array([3.0 / 4.0, 4.0 / 3.0])
             num_crops = len(sizes)
 
             def decode(batch_indices, my_storage, metadata, storage_state):
                 destination, temp_storage = my_storage
-                first = batch_indices[0]
+                epoch = read_int64(epoch_address)
                 for dst_ix in my_range(len(batch_indices)):
                     source_ix = batch_indices[dst_ix]
-                    np.random.seed((seed * 1000003 + first * 7919 + source_ix) % 4294967291)
+                    np.random.seed(crop_seed(seed, epoch, source_ix))  # this thread's generator, keyed by the sample
                     field = metadata[source_ix]
                     image_data = mem_read(field["data_ptr"], storage_state)
                     height = np.uint32(field["height"])
@@ -155,6 +208,8 @@ class FFCVMultiCropLoader:
         self.local_batch = cfg.batch_size // world
         self.sizes = [cfg.global_size] * 2 + [cfg.local_size] * cfg.local_crops
         self._loader, self._scales = None, None
+        self._epoch_cell = np.zeros(1, dtype=np.int64)  # read by the compiled decoder (make_decoder)
+        self.workers = ffcv_workers(cfg)
 
     def __len__(self) -> int:
         return self.sampler.steps_per_epoch
@@ -172,20 +227,22 @@ class FFCVMultiCropLoader:
         scales = [global_recipe.scale] * 2 + [local_recipe.scale] * self.cfg.local_crops
         if self._loader is None or scales != self._scales:  # phase switch: rebuild (one compilation)
             self._order = make_order(self.sampler)
-            self._loader = Loader(self.cfg.beton, batch_size=self.local_batch, num_workers=max(1, self.cfg.workers),
+            self._loader = Loader(self.cfg.beton, batch_size=self.local_batch, num_workers=self.workers,
                                   order=self._order, drop_last=True, os_cache=self.cfg.os_cache,
-                                  pipelines={"image": [make_decoder(self.sizes, scales, self.seed, self.decode_each_crop)],
+                                  pipelines={"image": [make_decoder(self.sizes, scales, self.seed, self._epoch_cell,
+                                                                          self.decode_each_crop)],
                                              "label": [IntDecoder(), ToTensor()], "index": [IntDecoder(), ToTensor()]},
                                   batches_ahead=2)
             self._scales = scales
         return self._loader
 
     def epoch(self, epoch: int, start_step: int = 0):
-        from pipelines.augment import augment_views
+        from pipelines.augment import augment_views, keyed_params
 
         loader = self._ffcv_loader(epoch)
         self._order.start_step = start_step
         loader.next_epoch = epoch
+        self._epoch_cell[0] = epoch  # before FFCV starts decoding this epoch's batches
         global_recipe, local_recipe = crop_recipes(self.cfg, epoch)
         b = self.local_batch
         for step, (records, label, index) in enumerate(loader, start=start_step):
@@ -201,11 +258,13 @@ class FFCVMultiCropLoader:
                 yield MultiCropBatch(crops[0], crops[1], torch.as_tensor(index).view(-1).long(),
                                      torch.as_tensor(label).view(-1).long(), 0)
                 continue
-            generator = torch.Generator().manual_seed(hash((self.seed, epoch, step, self.rank)) % (2**63))
-            kw = dict(impl=self.augment_impl, threads=max(1, self.cfg.workers))
-            globals_ = augment_views(views[:2], global_recipe, self.cfg.mean, self.cfg.std, generator, **kw)
-            locals_ = (augment_views(views[2:], local_recipe, self.cfg.mean, self.cfg.std, generator, **kw)
-                       if self.cfg.local_crops else None)
+            ids = np.asarray(index).reshape(-1)
+            kw = dict(impl=self.augment_impl, threads=self.workers)
+            globals_ = augment_views(views[:2], global_recipe, self.cfg.mean, self.cfg.std,
+                                     params=keyed_params(self.seed, epoch, ids, range(2), global_recipe), **kw)
+            locals_ = (augment_views(views[2:], local_recipe, self.cfg.mean, self.cfg.std,
+                                     params=keyed_params(self.seed, epoch, ids, range(2, len(self.sizes)), local_recipe),
+                                     **kw) if self.cfg.local_crops else None)
             yield MultiCropBatch(globals_, locals_, torch.as_tensor(index).view(-1).long(),
                                  torch.as_tensor(label).view(-1).long(), 0)
 
@@ -251,7 +310,7 @@ class FFCVEvalLoader:
         shard = list(shard_range(self.count, rank, world))
         self.batches = (len(shard) + batch_size - 1) // batch_size
         crop = (cfg.eval_crop, cfg.eval_crop)
-        self.loader = Loader(beton, batch_size=batch_size, num_workers=max(1, cfg.workers), order=OrderOption.SEQUENTIAL,
+        self.loader = Loader(beton, batch_size=batch_size, num_workers=ffcv_workers(cfg), order=OrderOption.SEQUENTIAL,
                              indices=shard, drop_last=False, os_cache=cfg.os_cache,
                              pipelines={"image": [CenterCropRGBImageDecoder(crop, ratio=cfg.eval_crop / cfg.eval_resize)],
                                         "label": [IntDecoder(), ToTensor()], "index": [IntDecoder(), ToTensor()]})
@@ -287,7 +346,7 @@ class FFCVLinearLoader:
         self.sampler = StepSampler(count, batch_size, rank, world, seed)
         self._order = make_order(self.sampler, subset)
         size = (cfg.global_size, cfg.global_size)
-        self.loader = Loader(cfg.beton, batch_size=batch_size // world, num_workers=max(1, cfg.workers), order=self._order,
+        self.loader = Loader(cfg.beton, batch_size=batch_size // world, num_workers=ffcv_workers(cfg), order=self._order,
                              drop_last=True, os_cache=cfg.os_cache,
                              pipelines={"image": [RandomResizedCropRGBImageDecoder(size, scale=(0.08, 1.0))],
                                         "label": [IntDecoder(), ToTensor()], "index": [IntDecoder(), ToTensor()]})

@@ -123,6 +123,35 @@ def test_batch_contract_order_resume_and_determinism(digits_beton):
     assert not torch.equal(next(loader.epoch(1)).globals, batch.globals)
 
 
+def _crops_by_index(loader, epoch):
+    """{sample index: (its 2 global crops, its local crops)} over one epoch of a loader."""
+    out = {}
+    for batch in loader.epoch(epoch):
+        b = batch.index.numel()
+        for row, index in enumerate(batch.index.tolist()):
+            out[index] = (batch.globals[row::b].clone(), batch.locals[row::b].clone())
+    return out
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_crops_depend_on_seed_epoch_and_index_only(digits_beton, augment):
+    """Every random choice of a sample (crop boxes in the compiled decoder, colour / grey / blur / flip
+    after it) is keyed by (seed, epoch, index): the same crops with another batch size, world size and
+    rank, different crops in another epoch. augment=False checks the decoder's boxes alone."""
+    from pipelines.ffcv import FFCVMultiCropLoader
+
+    beton = digits_beton / "digits.beton"
+    whole = _crops_by_index(FFCVMultiCropLoader(_cfg(beton, batch_size=16), seed=5, rank=0, world=1, augment=augment), 1)
+    sharded_loader = FFCVMultiCropLoader(_cfg(beton, batch_size=8), seed=5, rank=1, world=2, augment=augment)
+    shard = _crops_by_index(sharded_loader, 1)
+    assert len(whole) == 64 and len(shard) == 32
+    for index, (globals_, locals_) in shard.items():
+        assert torch.equal(globals_, whole[index][0]) and torch.equal(locals_, whole[index][1]), index
+    later = _crops_by_index(sharded_loader, 2)
+    changed = [not torch.equal(later[i][0], shard[i][0]) for i in set(later) & set(shard)]
+    assert changed and all(changed)
+
+
 def test_two_shards_cover_each_epoch_once(digits_beton):
     from pipelines.ffcv import FFCVMultiCropLoader
 
@@ -244,3 +273,15 @@ def test_evaluation_on_betons_matches_the_reference_transform(digits_beton, tmp_
     assert train_linear(load_config(None, overrides))["val_count"] == 64
     tuned = finetune(load_config(None, overrides))
     assert tuned["val_count"] == 64 and tuned["labelled"] == 16
+
+
+def test_more_workers_than_numba_threads_are_capped_with_a_warning(digits_beton):
+    import numba
+
+    from pipelines.ffcv import FFCVMultiCropLoader
+
+    cap = numba.config.NUMBA_NUM_THREADS
+    with pytest.warns(UserWarning, match="data.workers"):
+        loader = FFCVMultiCropLoader(_cfg(digits_beton / "digits.beton", workers=cap + 14, local_crops=0), seed=0, rank=0, world=1)
+    assert loader.workers == cap
+    assert next(loader.epoch(0)).globals.shape[0] == 32
