@@ -84,3 +84,29 @@ def write_odd_images(folder: Path, names) -> Path:
     for name in names:
         writers[name](folder / name)
     return folder
+
+
+def _distributed_entry(rank, fn, world, port, args):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn, world: int, *args) -> None:
+    """fn(rank, world, *args) in `world` spawned processes joined in a gloo group on 127.0.0.1; an
+    exception in any of them fails the calling test with that process's traceback. fn must be a
+    module-level function of a test module."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_distributed_entry, args=(fn, world, port, args), nprocs=world, join=True)

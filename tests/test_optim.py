@@ -161,3 +161,59 @@ def test_apex_impl_matches_native_lars():
             opt.step()
     for (name, a), b in zip(native.named_parameters(), fused.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_zero_nonfinite_cleans_views_through_their_base_in_one_call():
+    from wcl_fast.optim import zero_nonfinite_
+
+    bucket = torch.randn(30)
+    bucket[[3, 17]] = torch.tensor([float("nan"), float("-inf")])
+    views = [bucket[:10].view(2, 5), bucket[10:24].view(7, 2), bucket[24:]]  # DDP-style bucket views
+    loose = torch.tensor([1.0, float("inf"), -2.0])
+    expected = torch.nan_to_num(bucket, 0.0, 0.0, 0.0)
+    assert zero_nonfinite_(views + [loose]) == 2  # one call for the bucket, one for the loose gradient
+    assert torch.equal(bucket, expected) and torch.equal(loose, torch.tensor([1.0, 0.0, -2.0]))
+    assert torch.equal(views[0].flatten(), expected[:10])
+
+
+def test_ddp_bucket_view_gradients_are_guarded_per_bucket(tmp_path):
+    """2 gloo processes, DDP with gradient_as_bucket_view (the trainer's setting): a NaN on one rank
+    skips the step on both (parameters and momentum untouched) with a few base-tensor cleanups."""
+    from conftest import run_distributed
+
+    run_distributed(_ddp_guard_worker, 2, tmp_path)
+
+
+def _ddp_guard_worker(rank, world, tmp_path):
+    import torch.distributed as dist
+
+    import wcl_fast.optim as O
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 3))
+    ddp = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
+    opt = build_optimizer(model, OptimConfig(weight_decay=1e-3), skip_nonfinite=True)
+    for group in opt.param_groups:
+        group["lr"] = 0.3
+    calls = []
+    original = O.zero_nonfinite_
+    O.zero_nonfinite_ = lambda grads: calls.append(original(grads)) or calls[-1]
+    try:
+        ddp(torch.randn(8, 6)).sum().backward()
+        opt.step()
+        assert bool(opt.last_step_ok)
+        before = [p.detach().clone() for p in model.parameters()]
+        buffers = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+        opt.zero_grad()
+        x = torch.randn(8, 6)
+        if rank == 1:
+            x[0, 0] = float("nan")  # the all-reduce spreads it to rank 0's gradients too
+        ddp(x).sum().backward()
+        opt.step()
+        assert not bool(opt.last_step_ok)
+        for p, p0, b0 in zip(model.parameters(), before, buffers):
+            assert torch.equal(p.detach(), p0) and torch.equal(opt.state[p]["momentum_buffer"], b0)
+        assert all(c < len(list(model.parameters())) for c in calls), calls  # per bucket, not per parameter
+    finally:
+        O.zero_nonfinite_ = original
+    dist.barrier()

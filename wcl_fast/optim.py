@@ -66,6 +66,21 @@ def scaled_gradients(group: dict, params: list, grads: list) -> list:
     return grads
 
 
+def zero_nonfinite_(grads: list[torch.Tensor]) -> int:
+    """NaN/inf -> 0 in place in every gradient; returns the number of kernels launched. Gradients that
+    are views of one base tensor (DDP's gradient buckets with gradient_as_bucket_view=True) are cleaned
+    with one call on the base (a few per step instead of one per parameter: the NaN guard runs every
+    step). Finite values are untouched, so on a finite step this changes nothing; anything else the
+    base holds (bucket padding) is not read by the update."""
+    bases: dict[int, torch.Tensor] = {}
+    for g in grads:
+        base = g._base if g._base is not None else g
+        bases.setdefault(id(base), base)
+    for base in bases.values():
+        base.nan_to_num_(0.0, 0.0, 0.0)
+    return len(bases)
+
+
 class LARS(torch.optim.Optimizer):
     """SGD momentum with layer-wise trust ratio on the weight-decayed gradient (see module docstring)."""
 
@@ -90,14 +105,13 @@ class LARS(torch.optim.Optimizer):
             all_grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
             if all_grads:
                 ok = torch.isfinite(torch.stack(torch._foreach_norm(all_grads))).all()
+                zero_nonfinite_(all_grads)  # a skipped step then multiplies zeros, not NaN, by 0
             self.last_step_ok = ok
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
             grads = [p.grad for p in params]
-            if ok is not None:
-                grads = [g.nan_to_num(0.0, 0.0, 0.0) for g in grads]
             grads = scaled_gradients(group, params, grads)
             buffers = []
             for p in params:
