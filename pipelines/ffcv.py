@@ -328,39 +328,53 @@ class FFCVEvalLoader:
 
 
 class FFCVLinearLoader:
-    """The linear-probe / fine-tuning training view over a .beton: RandomResizedCrop (0.08, 1) (FFCV's
-    decoder, numba generator) + flip (torch generator of (seed, epoch, step, rank)), StepSampler order."""
+    """The linear-probe / fine-tuning training view over a .beton: RandomResizedCrop (0.08, 1) + flip,
+    StepSampler order. The crop is cut by the multi-crop decoder with one crop slot, its box seeded and
+    its flip drawn from keys of (seed stream 7, epoch, sample id): like the DALI and reference views,
+    a sample's view depends on (seed, epoch, index) only (FFCV's stock RandomResizedCrop decoder draws
+    from an unseeded per-thread generator, so its crops would differ on every run)."""
+
+    STREAM = 7  # decorrelates the probe's draws from pre-training's (as the reference's [seed, e, i, 7])
 
     def __init__(self, cfg: DataConfig, seed: int, rank: int, world: int, batch_size: int,
                  subset: list[int] | None = None, device: torch.device | None = None):
         _import_ffcv()
         from ffcv.fields.basics import IntDecoder
-        from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
         from ffcv.loader import Loader
         from ffcv.reader import Reader
         from ffcv.transforms import ToTensor
 
+        from pipelines.keyed_random import keys
+
         self.cfg, self.seed, self.rank = cfg, seed, rank
+        self.stream_seed = int(keys(seed, self.STREAM).view(np.int64)[0])
         self.device = device or torch.device("cpu")
         count = len(subset) if subset is not None else Reader(cfg.beton).num_samples
         self.sampler = StepSampler(count, batch_size, rank, world, seed)
         self._order = make_order(self.sampler, subset)
-        size = (cfg.global_size, cfg.global_size)
+        self._epoch_cell = np.zeros(1, dtype=np.int64)
+        self.size = cfg.global_size
+        decoder = make_decoder([self.size], [(0.08, 1.0)], self.stream_seed, self._epoch_cell)
         self.loader = Loader(cfg.beton, batch_size=batch_size // world, num_workers=ffcv_workers(cfg), order=self._order,
                              drop_last=True, os_cache=cfg.os_cache,
-                             pipelines={"image": [RandomResizedCropRGBImageDecoder(size, scale=(0.08, 1.0))],
-                                        "label": [IntDecoder(), ToTensor()], "index": [IntDecoder(), ToTensor()]})
+                             pipelines={"image": [decoder], "label": [IntDecoder(), ToTensor()],
+                                        "index": [IntDecoder(), ToTensor()]})
 
     def __len__(self) -> int:
         return self.sampler.steps_per_epoch
 
     def epoch(self, epoch: int, start_step: int = 0):
+        from pipelines.keyed_random import keys, uniforms
+
         self._order.start_step = start_step
         self.loader.next_epoch = epoch
-        for step, (images, label, index) in enumerate(self.loader, start=start_step):
-            images = torch.as_tensor(images).to(self.device, non_blocking=True)
-            generator = torch.Generator().manual_seed(hash((self.seed, epoch, step, self.rank, 7)) % (2**63))
-            flip = (torch.rand(images.shape[0], generator=generator) < 0.5).to(images.device).view(-1, 1, 1, 1)
+        self._epoch_cell[0] = epoch
+        for records, label, index in self.loader:
+            b = records.shape[0]
+            images = torch.as_tensor(records).to(self.device, non_blocking=True).view(b, self.size, self.size, 3)
+            ids = np.asarray(index).reshape(-1)
+            flip = torch.from_numpy(uniforms(keys(self.stream_seed, epoch, ids), 1)[:, 0] < 0.5)
+            flip = flip.to(images.device).view(-1, 1, 1, 1)
             x = _normalise(images, self.cfg.mean, self.cfg.std)
             yield MultiCropBatch(torch.where(flip, x.flip(3), x).contiguous(memory_format=torch.channels_last), None,
                                  torch.as_tensor(index).view(-1).long(), torch.as_tensor(label).view(-1).long(), 0)

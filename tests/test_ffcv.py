@@ -285,3 +285,24 @@ def test_more_workers_than_numba_threads_are_capped_with_a_warning(digits_beton)
         loader = FFCVMultiCropLoader(_cfg(digits_beton / "digits.beton", workers=cap + 14, local_crops=0), seed=0, rank=0, world=1)
     assert loader.workers == cap
     assert next(loader.epoch(0)).globals.shape[0] == 32
+
+
+def test_linear_probe_view_is_keyed_by_seed_epoch_and_index(digits_beton):
+    """FFCVLinearLoader (RandomResizedCrop (0.08, 1) + flip): a sample's view is the same with another
+    batch size and world size, again on a second run, and changes between epochs."""
+    from pipelines.ffcv import FFCVLinearLoader
+
+    cfg = _cfg(digits_beton / "digits.beton")
+
+    def views(batch_size, rank, world, epoch):
+        loader = FFCVLinearLoader(cfg, seed=2, rank=rank, world=world, batch_size=batch_size)
+        return {i: x for batch in loader.epoch(epoch) for i, x in zip(batch.index.tolist(), batch.globals)}
+
+    whole = views(16, 0, 1, 3)
+    assert len(whole) == 64 and next(iter(whole.values())).shape == (3, 24, 24)
+    shard = views(8, 1, 2, 3)
+    assert len(shard) == 32 and all(torch.equal(x, whole[i]) for i, x in shard.items())
+    again = views(16, 0, 1, 3)
+    assert all(torch.equal(x, whole[i]) for i, x in again.items())
+    later = views(16, 0, 1, 4)
+    assert sum(not torch.equal(later[i], whole[i]) for i in whole) > 60
