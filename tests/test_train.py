@@ -293,6 +293,7 @@ def test_step_bench_reports_both_paths(tmp_path, objective):
     assert enc["samples_per_s"] > 0 and full["samples_per_s"] > 0
     assert result["overhead"] == pytest.approx(full["s_per_step"] / enc["s_per_step"] - 1)
     assert full["flops_per_step"] >= enc["flops_per_step"] > 0  # the full step adds the heads' work
+    assert full["ops_per_step"] > enc["ops_per_step"] > 100  # heads, loss, graph, optimizer on top
     assert result["projected_8gpu_epoch_s"] == pytest.approx(1_281_167 / (full["samples_per_s"] * 8))
 
 

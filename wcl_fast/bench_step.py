@@ -8,7 +8,9 @@ round of each): (a) encoder forward + backward of the 2 global + L local crops (
 resolution, as the trainer), (b) the full step of loss.objective (heads, gathers, 1-NN graph and
 components for WCL, both losses, backward, LARS update, EMA/queue update where the objective has
 one). Prints samples/s, the overhead of (b) over (a), peak memory, FLOPs per step (torch's
-FlopCounterMode), achieved TFLOP/s and MFU on known GPUs, and a PROJECTED 8-GPU ImageNet epoch
+FlopCounterMode), device operators per step (ATen calls that launch work, views excluded: on a GPU
+about one kernel each, so (b) - (a) times a few microseconds is the launch-bound floor of the
+overhead at small batches), achieved TFLOP/s and MFU on known GPUs, and a PROJECTED 8-GPU ImageNet epoch
 (1,281,167 images / (samples/s x 8 x --scaling)); --scaling is the measured multi-GPU efficiency
 (1.0 = perfect, an assumption unless you measured it). Table + JSON.
 """
@@ -48,6 +50,28 @@ def _flops(fn) -> float:
     with counter:
         fn()
     return float(counter.get_total_flops())
+
+
+_VIEW_OPS = frozenset({"detach", "t", "view", "_unsafe_view", "alias", "expand", "unsqueeze", "squeeze", "slice", "select",
+                       "as_strided", "permute", "transpose", "split", "split_with_sizes", "chunk", "unbind", "reshape",
+                       "lift_fresh", "_reshape_alias", "view_as", "narrow"})
+
+
+def _op_count(fn) -> int:
+    """ATen operators dispatched by fn() that do work (views and aliases excluded)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ not in _VIEW_OPS:
+                Counter.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        fn()
+    return Counter.count
 
 
 def run(cfg, steps: int, warmup: int, rounds: int, scaling: float) -> dict:
@@ -108,13 +132,14 @@ def run(cfg, steps: int, warmup: int, rounds: int, scaling: float) -> dict:
             if device.type == "cuda":
                 peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated(device))
     flops = {"encoder": _flops(encoder_step), "full": _flops(full_step)}
+    ops = {"encoder": _op_count(encoder_step), "full": _op_count(full_step)}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     card = next((key for key in PEAK_BF16_TFLOPS if key in name), None)
     rows = {}
     for key in ("encoder", "full"):
         seconds = min(results[key])
         tflops = flops[key] / seconds / 1e12
-        rows[key] = {"s_per_step": seconds, "samples_per_s": b / seconds, "flops_per_step": flops[key],
+        rows[key] = {"s_per_step": seconds, "samples_per_s": b / seconds, "flops_per_step": flops[key], "ops_per_step": ops[key],
                      "tflops": tflops, "peak_memory_gb": peak.get(key, 0) / 2**30 if peak else None,
                      "mfu": tflops / PEAK_BF16_TFLOPS[card] if card and device.type == "cuda" else None}
     overhead = rows["full"]["s_per_step"] / rows["encoder"]["s_per_step"] - 1
@@ -131,14 +156,15 @@ def run(cfg, steps: int, warmup: int, rounds: int, scaling: float) -> dict:
 def format_table(r: dict) -> str:
     lines = [f"step bench: {r['arch']} {r['objective']}, {r['crops']} crops, batch {r['batch_per_device']} per device, "
              f"{r['precision']}, {r['device']}",
-             f"{'':<10}{'samples/s':>11}{'ms/step':>10}{'GFLOP/step':>12}{'TFLOP/s':>9}{'MFU':>7}{'peak GB':>9}"]
+             f"{'':<10}{'samples/s':>11}{'ms/step':>10}{'GFLOP/step':>12}{'ops/step':>10}{'TFLOP/s':>9}{'MFU':>7}{'peak GB':>9}"]
     for key, label in (("encoder", "(a) enc."), ("full", "(b) full")):
         row = r[key]
         mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "-"
         mem = f"{row['peak_memory_gb']:.1f}" if row["peak_memory_gb"] is not None else "-"
         lines.append(f"{label:<10}{row['samples_per_s']:>11.1f}{1e3 * row['s_per_step']:>10.1f}"
-                     f"{row['flops_per_step'] / 1e9:>12.1f}{row['tflops']:>9.2f}{mfu:>7}{mem:>9}")
-    lines.append(f"overhead of the full step over the bare encoder: {100 * r['overhead']:+.1f}%")
+                     f"{row['flops_per_step'] / 1e9:>12.1f}{row['ops_per_step']:>10}{row['tflops']:>9.2f}{mfu:>7}{mem:>9}")
+    lines.append(f"overhead of the full step over the bare encoder: {100 * r['overhead']:+.1f}% "
+                 f"({r['full']['ops_per_step'] - r['encoder']['ops_per_step']} more operators per step)")
     limit = f" (compute limit {r['compute_limit_epoch_s']:.0f} s)" if r["compute_limit_epoch_s"] else ""
     lines.append(f"PROJECTION, not a measurement: 8-device ImageNet epoch {r['projected_8gpu_epoch_s']:.0f} s at "
                  f"scaling {r['scaling_assumed']:.2f}{limit}")
