@@ -11,8 +11,8 @@ same kernel writes the scaled logits s / tau of every query against the first C 
 fp32 buffer ("fused similarity matrix" path for the loss: kernels.similarity_nearest_neighbor).
 
 On CUDA the launch configuration (BLOCK_M, BLOCK_N, warps, pipeline stages) is autotuned once per
-(M, N, D, dtype, variant) among CUDA_CONFIGS (WCL_TRITON_AUTOTUNE=0: the first candidate, no tuning); BLOCK_D is fixed by dtype and D, so every candidate sums
-the dot products in the same order. `python -m kernels.aot` compiles every candidate for sm_80/sm_90
+(M, N, D, dtype, variant) among CUDA_CONFIGS (WCL_TRITON_AUTOTUNE=0: the first candidate, no tuning);
+BLOCK_D is fixed by dtype and D, so every candidate sums the dot products in the same order. `python -m kernels.aot` compiles every candidate for sm_80/sm_90
 without a GPU and reports registers, spills, shared memory and tensor-core use.
 
 This module is imported only when the Triton backend is used: on CPU it needs TRITON_INTERPRET=1
