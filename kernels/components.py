@@ -62,11 +62,14 @@ def connected_components_edges(source: torch.Tensor, target: torch.Tensor, num_n
     jumps = max(1, math.ceil(math.log2(max(num_nodes, 2))))
     check_every = check_every or jumps + 1
     blocks = fixed_blocks if fixed_blocks is not None else num_nodes // check_every + 2
+    # both directions of every edge in one list: one gather of roots and one scatter-min per round
+    # (min is commutative, so this equals hooking s -> t and then t -> s)
+    pairs = torch.cat([source, target, target, source])  # [ends; other ends]
+    half = 2 * source.numel()
     for _ in range(blocks):
         for _ in range(check_every):
-            root_s, root_t = parent[source], parent[target]
-            parent = parent.scatter_reduce(0, root_s, root_t, reduce="amin")
-            parent = parent.scatter_reduce(0, root_t, root_s, reduce="amin")
+            roots = parent[pairs]
+            parent = parent.scatter_reduce(0, roots[:half], roots[half:], reduce="amin")
             for _ in range(jumps):
                 parent = parent[parent]
         if fixed_blocks is None and bool((parent[source] == parent[target]).all()):  # sync point (exact mode)
