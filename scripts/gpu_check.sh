@@ -13,8 +13,13 @@ export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/.triton_cache}"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
   "$PY" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda)'
 } | tee "$OUT/env.txt"
-# GPU-relevant tests (worst case of all timeouts: 130 + 150 + 3 x 65 + 75 = 550 s, inside one 600 s device call;
-# every step writes its own file under $OUT, so a cut run still returns what it measured)
+# DALI carried as wheel parts (scripts/dali_wheels.sh): install it once every part has arrived
+if ! "$PY" -c 'import nvidia.dali' 2>/dev/null && [ -f wheels/dali/manifest ]; then
+  timeout 120 bash scripts/dali_wheels.sh install 2>&1 | tail -3 | tee -a "$OUT/env.txt" || true
+fi
+# Worst case of all timeouts: 130 + 150 + 3 x 65 + 75 = 550 s, inside one 600 s device call (plus up to
+# 120 s on the call that installs DALI: give that call the longer limit). Every step writes its own file
+# under $OUT, so a cut run still returns what it measured.
 # GPU-relevant tests (the ones needing mlxtend/tensorboard are CPU-machine tests)
 timeout 130 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_triton_kernel.py \
     tests/test_objective.py tests/test_related_objectives.py "tests/test_train.py::test_training_step_has_no_host_sync_on_cuda" \
