@@ -245,7 +245,7 @@ class FFCVMultiCropLoader:
         self._epoch_cell[0] = epoch  # before FFCV starts decoding this epoch's batches
         global_recipe, local_recipe = crop_recipes(self.cfg, epoch)
         b = self.local_batch
-        for step, (records, label, index) in enumerate(loader, start=start_step):
+        for records, label, index in loader:
             records = torch.as_tensor(records).to(self.device, non_blocking=True)  # [b, T] uint8
             views, offset = [], 0
             for size in self.sizes:
