@@ -98,15 +98,19 @@ def _distributed_entry(rank, fn, world, port, args):
         dist.destroy_process_group()
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 (for a gloo group or a c10d rendezvous)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def run_distributed(fn, world: int, *args) -> None:
     """fn(rank, world, *args) in `world` spawned processes joined in a gloo group on 127.0.0.1; an
     exception in any of them fails the calling test with that process's traceback. fn must be a
     module-level function of a test module."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_distributed_entry, args=(fn, world, port, args), nprocs=world, join=True)
+    mp.spawn(_distributed_entry, args=(fn, world, free_port(), args), nprocs=world, join=True)

@@ -1,6 +1,5 @@
 """WCL loss against the float64 loop reference (tests/naive.py), swap semantics, fp16, DDP."""
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -9,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import naive
-from conftest import normalized
+from conftest import free_port, normalized
 from wcl_fast.objectives.wcl import contrastive_rows, wcl_loss, wcl_loss_terms, weak_labels
 
 
@@ -87,12 +86,6 @@ def test_gradients_flow_to_both_heads():
 
 # ---------------------------------------------------------------- distributed (2 gloo processes)
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_worker(rank, world, port, inputs, differentiable, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -129,7 +122,7 @@ def _rank_worker(rank, world, port, inputs, differentiable, queue):
 def _run_two_ranks(inputs, differentiable):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank_worker, args=(r, 2, port, inputs, differentiable, queue)) for r in range(2)]
     for p in procs:
         p.start()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import no_host_sync
+from conftest import free_port, no_host_sync
 from wcl_fast.config import load_config
 from wcl_fast.train import train
 
@@ -212,19 +212,11 @@ def test_compiled_encoder_steps_agree_with_eager(tmp_path):
             assert (state_b[key] - value).norm() <= 5e-2 * value.norm() + 1e-6, key
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_torchrun_nodes_over_c10d_rendezvous(tmp_path):
     """Multi-node launch as on a cluster: two torchrun agents ("nodes", 1 process each) meet at a c10d
     rendezvous on 127.0.0.1 and train with identical replicas."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    port = _free_port()
+    port = free_port()
     nodes = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
          "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "wcl-test",
