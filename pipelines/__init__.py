@@ -1,12 +1,82 @@
 """Loader backends behind one entry point, all producing `MultiCropBatch` (design.md)."""
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+
 import torch
 
 from pipelines.batch import MultiCropBatch
 from wcl_fast.config import Config, ConfigError
 
-__all__ = ["MultiCropBatch", "build_eval_loader", "build_loader", "build_train_eval_loader"]
+__all__ = ["LoaderChoice", "MultiCropBatch", "build_eval_loader", "build_loader", "build_train_eval_loader",
+           "choose_backend", "resolve_backend"]
+
+DALI_INSTALL = "pip install nvidia-dali-cuda130 (CUDA 13; nvidia-dali-cuda120 for CUDA 12)"
+
+
+@dataclass(frozen=True)
+class LoaderChoice:
+    """What `data.backend` resolved to, and why (printed by rank 0, saved in config.yaml and log.jsonl)."""
+
+    requested: str  # the configured value: auto, reference, dali, ffcv or synthetic
+    backend: str  # the loader that runs
+    reason: str
+    warning: str = ""  # auto fell back to the slow reference loader: why, and how to get a fast one
+
+    def describe(self) -> str:
+        return f"loader: {self.backend} ({self.reason})"
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package that is missing or broken
+        return False
+
+
+def choose_backend(data_cfg, cuda_available: bool | None = None, dali_available: bool | None = None) -> LoaderChoice:
+    """Resolve `data.backend`. An explicit backend is kept. `auto` picks, in this order:
+    ffcv when data.beton is set (the user converted the data for it); DALI when CUDA and DALI are both
+    available (nvJPEG decoding with device="mixed", augmentations in the DALI graph on the GPU);
+    otherwise the reference PIL loader, with a warning saying why and how to get a fast loader."""
+    requested = data_cfg.backend
+    if requested != "auto":
+        return LoaderChoice(requested, requested, "data.backend set explicitly")
+    if data_cfg.beton:
+        return LoaderChoice("auto", "ffcv", f"auto: data.beton is set ({data_cfg.beton})")
+    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    dali = _importable("nvidia.dali") if dali_available is None else dali_available
+    if cuda and dali:
+        return LoaderChoice("auto", "dali", "auto: CUDA and DALI are available; nvJPEG decoding on the GPU "
+                                            "(device=mixed), augmentations in the DALI graph on the GPU")
+    ffcv_how = "data.beton=FILE for FFCV (write it once with python -m pipelines.convert)"
+    if not cuda:
+        why = "no CUDA GPU" + ("" if dali else ", DALI not installed")
+        how = (f"on a GPU machine with DALI auto picks DALI; on this CPU use data.backend=dali (DALI's CPU decoder + "
+               f"the fused CPU augmentation{'' if dali else '; ' + DALI_INSTALL}) or {ffcv_how}")
+    else:
+        why = "DALI not installed"
+        how = f"{DALI_INSTALL}, or {ffcv_how}"
+    reason = f"auto: {why}"
+    warning = (f"warning: data.backend=auto chose the reference PIL loader ({why}); it is several times slower than "
+               f"DALI or FFCV and cannot feed a GPU at full speed. For a fast loader: {how}")
+    return LoaderChoice("auto", "reference", reason, warning)
+
+
+def resolve_backend(cfg: Config, report: bool = False) -> LoaderChoice:
+    """Choose the loader for `cfg.data.backend` (see choose_backend) and write it into cfg in place, so
+    every later step (and the saved config.yaml) sees the concrete backend. report: rank 0 (RANK unset
+    or 0) prints the choice, and the warning when auto fell back to the reference loader, to stderr."""
+    choice = choose_backend(cfg.data)
+    cfg.data.backend = choice.backend
+    if report and os.environ.get("RANK", "0") == "0":
+        print(choice.describe(), file=sys.stderr)
+        if choice.warning:
+            print(choice.warning, file=sys.stderr)
+    return choice
 
 
 def build_loader(cfg: Config, split: str, rank: int, world: int):
@@ -15,6 +85,8 @@ def build_loader(cfg: Config, split: str, rank: int, world: int):
     """
     if split != "train":
         raise ValueError(f"build_loader: unknown split {split!r}; evaluation uses pipelines.reference.build_eval_loader")
+    if cfg.data.backend == "auto":
+        resolve_backend(cfg)
     pin = torch.cuda.is_available()
     if cfg.data.backend == "reference":
         from pipelines.reference import build_train_loader
@@ -41,6 +113,8 @@ def build_train_eval_loader(cfg: Config, batch_size: int, rank: int, world: int)
     sample-id order (batch.index): used to embed the whole training set (Cl-InfoNCE K-means).
     Returns (loader, number of samples)."""
     pin = torch.cuda.is_available()
+    if cfg.data.backend == "auto":
+        resolve_backend(cfg)
     if cfg.data.backend in ("reference", "dali", "ffcv"):  # ffcv: data.beton in record (= sample id) order
         loader, count, _ = build_eval_loader(cfg.data, cfg.data.train_dir, "data.train_dir", batch_size, rank, world, pin)
         return loader, count
@@ -61,6 +135,10 @@ def build_eval_loader(data_cfg, directory: str, key: str, batch_size: int, rank:
     """Evaluation transform (Resize + CenterCrop) over this rank's unpadded shard of an ImageFolder with
     the configured backend (dali: pipelines.dali; otherwise the reference loader).
     Returns (loader, total samples, number of classes)."""
+    if data_cfg.backend == "auto":
+        from dataclasses import replace
+
+        data_cfg = replace(data_cfg, backend=choose_backend(data_cfg).backend)
     if data_cfg.backend == "dali":
         from pipelines.dali import build_dali_eval_loader
 

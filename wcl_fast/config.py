@@ -22,7 +22,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    backend: Literal["reference", "synthetic", "dali", "ffcv"] = "reference"  # dali / ffcv: pipelines/dali.py, pipelines/ffcv.py
+    # auto: ffcv when data.beton is set, else DALI (nvJPEG + GPU augmentations) when CUDA and DALI are
+    # available, else reference with a warning (pipelines.choose_backend). dali / ffcv: pipelines/dali.py,
+    # pipelines/ffcv.py; reference: the PIL worker loader; synthetic: decode-free crops for tests.
+    backend: Literal["auto", "reference", "synthetic", "dali", "ffcv"] = "auto"
     train_dir: str = ""  # ImageFolder: one sub-folder per class
     beton: str = ""  # backend ffcv: the training .beton (python -m pipelines.convert)
     val_beton: str = ""  # backend ffcv: the validation .beton for evaluation ("" = read data.val_dir)
@@ -55,6 +58,9 @@ class DataConfig:
 class ModelConfig:
     arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet50"
     stem: Literal["imagenet", "small"] = "imagenet"  # small: 3x3 stride-1 conv, no max-pool
+    # stage widths of the ResNet (4 numbers; the encoder's output is widths[3] x the block expansion);
+    # [] = torchvision's 64-128-256-512. E.g. [16, 32, 64, 128]: a narrow ResNet-18 for small images on a CPU.
+    widths: list[int] = field(default_factory=list)
     head_hidden: int = 4096
     head_out: int = 256
     # per_resolution: one forward for both global views (BN statistics over 2B);
@@ -113,6 +119,7 @@ class SLRConfig:
 class LossConfig:
     objective: Literal["wcl", "simclr", "clinfonce", "co2", "slr"] = "wcl"
     tau: float = 0.1
+    graph_tau: Optional[float] = None  # WCL head 2's temperature (None = loss.tau, as the paper)
     graph_weight: float = 1.0
     # detached: other ranks' rows carry no gradient (reference semantics);
     # differentiable: gradient flows through the gather (full-batch gradient).
@@ -345,6 +352,10 @@ def _check_values(cfg: Config) -> None:
     for key, scale in {"data.global_scale": cfg.data.global_scale, "data.local_scale": cfg.data.local_scale}.items():
         if scale is not None and (len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1):
             raise ConfigError(f"config key '{key}' must be [low, high] with 0 < low <= high <= 1, got {scale}")
+    if cfg.model.widths and (len(cfg.model.widths) != 4 or min(cfg.model.widths) <= 0):
+        raise ConfigError(f"config key 'model.widths' must list 4 positive stage widths (or be []), got {cfg.model.widths}")
+    if cfg.loss.graph_tau is not None and cfg.loss.graph_tau <= 0:
+        raise ConfigError(f"config key 'loss.graph_tau' must be > 0 (or null = loss.tau), got {cfg.loss.graph_tau}")
     for key in ("mean", "std"):
         if len(getattr(cfg.data, key)) != 3:
             raise ConfigError(f"config key 'data.{key}' must list 3 numbers (R, G, B)")
@@ -370,14 +381,17 @@ def _check_values(cfg: Config) -> None:
 
 def check_paths(cfg: Config, need_val: bool | None = None) -> None:
     """Stop before any work if a dataset path the run needs is missing."""
-    if cfg.data.backend == "synthetic":
+    backend = cfg.data.backend
+    if backend == "auto":  # the paths auto's choices need: ffcv with data.beton, dali / reference data.train_dir
+        backend = "ffcv" if cfg.data.beton else "reference"
+    if backend == "synthetic":
         return
-    if cfg.data.backend == "ffcv" and not Path(cfg.data.beton).is_file():
+    if backend == "ffcv" and not Path(cfg.data.beton).is_file():
         raise ConfigError(f"data.beton: '{cfg.data.beton}' is not a file; write one with python -m pipelines.convert "
                           f"--src /path/to/train --out train.beton and set data.beton=train.beton")
     need_val = (cfg.knn.at_end or cfg.knn.every_epochs > 0) if need_val is None else need_val
     # ffcv reads data.beton (training, kNN memory bank) and data.val_beton when set (else data.val_dir)
-    ffcv = cfg.data.backend == "ffcv"
+    ffcv = backend == "ffcv"
     if ffcv and cfg.data.val_beton and not Path(cfg.data.val_beton).is_file():
         raise ConfigError(f"data.val_beton: '{cfg.data.val_beton}' is not a file; write it with python -m pipelines.convert")
     keys = ([] if ffcv else [("data.train_dir", cfg.data.train_dir)]) + \

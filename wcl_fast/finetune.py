@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from wcl_fast import dist as wdist
+from pipelines import resolve_backend
 from wcl_fast.config import Config, ConfigError, check_paths, load_config
 
 
@@ -73,13 +74,14 @@ class _SubsetByKey(torch.utils.data.Dataset):
 
 
 def finetune(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
-    from pipelines import build_eval_loader
+    from pipelines import build_eval_loader, resolve_backend
     from pipelines.reference import (ImageSource, MultiCropLoader, StepSampler, collate_eval,
                                      scan_image_folder)
     from wcl_fast.knn import gather_variable
     from wcl_fast.linear import LinearTrainDataset, accuracy, load_encoder
 
     ctx = ctx or wdist.init_distributed()
+    resolve_backend(cfg)  # data.backend=auto -> the concrete loader
     device, ft = ctx.device, cfg.finetune
     torch.manual_seed(cfg.train.seed)
     if cfg.data.backend == "ffcv":  # records of data.beton, paths from its sidecar
@@ -160,6 +162,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         check_paths(cfg, need_val=True)
+        resolve_backend(cfg, report=True)
         ctx = wdist.init_distributed()
         result = finetune(cfg, ctx)
     except ConfigError as exc:

@@ -79,8 +79,9 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, num_c
 
 def evaluate_knn(encoder: torch.nn.Module, cfg, device: torch.device) -> dict:
     """kNN top-1/top-5 of `encoder` with data.train_dir as the memory bank and data.val_dir as the test set."""
-    from pipelines import build_eval_loader
+    from pipelines import build_eval_loader, resolve_backend
 
+    resolve_backend(cfg)  # data.backend=auto -> the concrete loader
     rank, world = wdist.rank(), wdist.world_size()
     pin = device.type == "cuda"
     train_loader, n_train, num_classes = build_eval_loader(cfg.data, cfg.data.train_dir, "data.train_dir",
@@ -97,6 +98,7 @@ def evaluate_knn(encoder: torch.nn.Module, cfg, device: torch.device) -> dict:
 
 def main(argv=None) -> int:
     from wcl_fast.checkpoint import load_checkpoint
+    from pipelines import resolve_backend
     from wcl_fast.config import ConfigError, check_paths, load_config
     from wcl_fast.model import build_model
 
@@ -114,6 +116,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         check_paths(cfg, need_val=True)
+        resolve_backend(cfg, report=True)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

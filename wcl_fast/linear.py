@@ -23,6 +23,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from wcl_fast import dist as wdist
+from pipelines import resolve_backend
 from wcl_fast.config import Config, ConfigError, check_paths, load_config
 from wcl_fast.knn import extract_features, gather_variable
 
@@ -55,7 +56,7 @@ def load_encoder(cfg: Config, device: torch.device, checkpoint: str | None = Non
     from wcl_fast.export import encoder_state_dict
     from wcl_fast.model import build_encoder
 
-    encoder = build_encoder(cfg.model.arch, cfg.model.stem)
+    encoder = build_encoder(cfg.model.arch, cfg.model.stem, cfg.model.widths)
     checkpoint = cfg.linear.checkpoint if checkpoint is None else checkpoint
     if checkpoint:
         encoder.load_state_dict(encoder_state_dict(load_checkpoint(checkpoint)["model"]))
@@ -81,11 +82,12 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
 
 def train_linear(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
     """Train the linear classifier; returns final and best-epoch top-1/top-5 on the validation set."""
-    from pipelines import build_eval_loader
+    from pipelines import build_eval_loader, resolve_backend
     from pipelines.reference import (ImageSource, MultiCropLoader, StepSampler, collate_eval,
                                      scan_image_folder)
 
     ctx = ctx or wdist.init_distributed()
+    resolve_backend(cfg)  # data.backend=auto -> the concrete loader
     device, lin = ctx.device, cfg.linear
     torch.manual_seed(cfg.train.seed)
     encoder = load_encoder(cfg, device)
@@ -171,6 +173,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         check_paths(cfg, need_val=True)
+        resolve_backend(cfg, report=True)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

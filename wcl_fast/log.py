@@ -1,7 +1,13 @@
-"""Rank-0 logging: JSON lines, TensorBoard scalars and console lines that do not break the progress bar."""
+"""Rank-0 logging: JSON lines, TensorBoard scalars and console lines that do not break the progress bar.
+
+On a terminal the trainer shows a progress bar; when stdout or stderr is not a terminal (SLURM output
+files, `| tee`, nohup, container logs) it prints one plain line per log interval instead, so a log
+file holds no carriage-return redraws.
+"""
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -48,3 +54,39 @@ class RunLogger:
             self.jsonl.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def use_progress_bar(enabled: bool, streams=None) -> bool:
+    """The redrawing bar only when it is enabled and both stdout and stderr (where tqdm draws) are terminals."""
+    streams = (sys.stdout, sys.stderr) if streams is None else streams
+    return enabled and all(getattr(stream, "isatty", lambda: False)() for stream in streams)
+
+
+def format_duration(seconds: float) -> str:
+    """Compact duration for ETAs: 42s, 7m05s, 3h02m, 2d04h ('?' when unknown)."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h{minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d{hours:02d}h"
+
+
+def interval_line(epoch: int, epochs: int, step_in_epoch: int, steps_per_epoch: int, record: dict, names,
+                  eta_epoch_s: float, eta_run_s: float) -> str:
+    """One plain log line per interval: epoch, step, loss terms, lr, samples/s, data-wait %, ETAs.
+
+    e.g. `epoch 3/200 step 120/312 loss 5.4321 (nce 3.2100, graph 2.2221) lr 4.8000 1873.2 samples/s
+    data-wait 1.2% ETA epoch 2m03s run 1d02h`"""
+    terms = ", ".join(f"{name} {record[name]:.4f}" for name in names[1:])
+    return (f"epoch {epoch}/{epochs} step {step_in_epoch}/{steps_per_epoch} loss {record['loss']:.4f} "
+            f"{'(' + terms + ') ' if terms else ''}lr {record['lr']:.4f} {record['samples_per_s']:.1f} samples/s "
+            f"data-wait {100 * record['data_wait']:.1f}% ETA epoch {format_duration(eta_epoch_s)} "
+            f"run {format_duration(eta_run_s)}")

@@ -36,16 +36,42 @@ class ProjectionHead(nn.Module):
         return self.linear3(x)  # [B, d_out]
 
 
-def build_encoder(arch: str, stem: str = "imagenet") -> nn.Module:
+def feature_dim(arch: str, widths=None) -> int:
+    """Width of the encoder's output h: the last stage's width x the block expansion."""
+    if not widths:
+        return FEATURE_DIMS[arch]
+    return widths[3] * (4 if arch == "resnet50" else 1)
+
+
+def build_encoder(arch: str, stem: str = "imagenet", widths=None) -> nn.Module:
     """torchvision ResNet with fc = Identity (Kaiming fan_out init, BN weight 1 / bias 0).
 
     stem='small' swaps the 7x7/2 conv + max-pool for a 3x3/1 conv (CIFAR-style) for tiny images.
+    widths: 4 stage widths instead of 64-128-256-512 (the same blocks, strides and parameter names,
+    so the state dict keeps torchvision's keys; only the shapes change).
     """
     encoder = getattr(torchvision.models, arch)(weights=None)
+    stem_width = 64
+    if widths:
+        stem_width = widths[0]
+        block = type(encoder.layer1[0])
+        encoder.inplanes = stem_width
+        encoder.conv1 = nn.Conv2d(3, stem_width, kernel_size=7, stride=2, padding=3, bias=False)
+        encoder.bn1 = nn.BatchNorm2d(stem_width)
+        for i, width in enumerate(widths):
+            layer = getattr(encoder, f"layer{i + 1}")
+            setattr(encoder, f"layer{i + 1}", encoder._make_layer(block, width, len(layer), stride=1 if i == 0 else 2))
     if stem == "small":
-        encoder.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        encoder.conv1 = nn.Conv2d(3, stem_width, kernel_size=3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(encoder.conv1.weight, mode="fan_out", nonlinearity="relu")
         encoder.maxpool = nn.Identity()
+    if widths:  # torchvision's initialisation for the rebuilt stages
+        for module in encoder.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
     encoder.fc = nn.Identity()
     return encoder
 
@@ -56,8 +82,8 @@ class WCLModel(nn.Module):
     def __init__(self, cfg: ModelConfig, two_heads: bool = True):
         super().__init__()
         self.cfg = cfg
-        self.net = build_encoder(cfg.arch, cfg.stem)
-        dim = FEATURE_DIMS[cfg.arch]
+        self.net = build_encoder(cfg.arch, cfg.stem, cfg.widths)
+        dim = feature_dim(cfg.arch, cfg.widths)
         self.head1 = ProjectionHead(dim, cfg.head_hidden, cfg.head_out)
         # objectives without a second head (SimCLR, CO2, SLR, single-head Cl-InfoNCE) build none, so
         # that DDP never waits for gradients of unused parameters

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from wcl_fast import dist as wdist
 from wcl_fast.checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
 from wcl_fast.config import Config, ConfigError, check_paths, load_config, to_dict, to_yaml
-from wcl_fast.log import RunLogger
+from wcl_fast.log import RunLogger, format_duration, interval_line, use_progress_bar
 from wcl_fast.model import build_model
 from wcl_fast.objectives import runner as objectives
 from wcl_fast.objectives.runner import KNN_LABEL_BLOCKS, compute_loss  # noqa: F401 (re-exported)
@@ -96,11 +96,17 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
     resume_path = resolve_resume(cfg)
     torch.manual_seed(cfg.train.seed)
     logger = RunLogger(out_dir, main, cfg.train.tensorboard)
+    from pipelines import build_loader, resolve_backend
+
+    choice = resolve_backend(cfg)  # data.backend=auto -> the concrete loader, in cfg from here on
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(to_yaml(cfg))
+        (out_dir / "config.yaml").write_text(f"# {choice.describe()}\n{to_yaml(cfg)}")
         logger.info(f"wcl-fast: world size {ctx.world_size}, device {device}, precision {cfg.train.precision}\n"
-                    f"--- resolved config (saved to {out_dir / 'config.yaml'}) ---\n{to_yaml(cfg)}---")
+                    f"--- resolved config (saved to {out_dir / 'config.yaml'}) ---\n{to_yaml(cfg)}---\n"
+                    f"{choice.describe()}")
+        if choice.warning:
+            logger.info(choice.warning)
 
     check_similarity_backend(cfg, device)
     smallest = min([cfg.data.global_size] + ([cfg.data.local_size] if cfg.data.local_crops else []))
@@ -108,8 +114,6 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
         logger.info(f"warning: {smallest}px crops reach the last ResNet stage at 1x1; on CPU, bf16 weight gradients of "
                     f"its stride-2 conv are intermittently NaN there (torch CPU kernel issue). Use larger crops or "
                     f"train.precision=fp32.")
-
-    from pipelines import build_loader
 
     loader = build_loader(cfg, "train", ctx.rank, ctx.world_size)
     steps_per_epoch = len(loader)
@@ -182,6 +186,9 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
         start_epoch, start_step = start_epoch + 1, 0
     stopped = cfg.train.stop_at_step > 0 and global_step >= cfg.train.stop_at_step
     first_step = global_step
+    logger.scalars(global_step, {"loader": choice.backend, "loader_requested": choice.requested,
+                                 "loader_reason": choice.reason})
+    show_bar = main and use_progress_bar(cfg.train.progress)  # off the terminal: one plain line per interval
     wall_start = time.perf_counter()
     last_log_time, data_wait, last_log_step = time.perf_counter(), 0.0, global_step
     ddp.train()
@@ -191,7 +198,7 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
                 break
             objective.on_epoch_start(epoch, start_step)
             batches = loader.epoch(epoch, start_step)
-            bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch}", disable=not (main and cfg.train.progress),
+            bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch}", disable=not show_bar,
                        dynamic_ncols=True, leave=False)
             step_in_epoch = start_step
             while step_in_epoch < steps_per_epoch:
@@ -235,13 +242,15 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
                                    "data_wait": data_wait / elapsed, "failed_images": failed_images,
                                    "skipped_steps": skipped_total})
                     logger.scalars(global_step, record)
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}",
-                                    wait=f"{100 * record['data_wait']:.0f}%")
-                    if not (main and cfg.train.progress):
-                        parts = ", ".join(f"{name} {record[name]:.4f}" for name in names[1:])
-                        logger.info(f"epoch {epoch} step {step_in_epoch}/{steps_per_epoch} loss {record['loss']:.4f} "
-                                    f"{'(' + parts + ') ' if parts else ''}lr {lr:.4f} "
-                                    f"{record['samples_per_s']:.1f} samples/s data-wait {100 * record['data_wait']:.1f}%")
+                    seconds_per_step = elapsed / max(steps, 1)
+                    eta_epoch = (steps_per_epoch - step_in_epoch) * seconds_per_step
+                    eta_run = (total_steps - global_step) * seconds_per_step
+                    if show_bar:
+                        bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}",
+                                        wait=f"{100 * record['data_wait']:.0f}%", run_eta=format_duration(eta_run))
+                    else:
+                        logger.info(interval_line(epoch, cfg.train.epochs, step_in_epoch, steps_per_epoch, record, names,
+                                                  eta_epoch, eta_run))
                     if "unconverged" in flags:
                         record["knn_unconverged"] = float(flags["unconverged"])  # sync point
                         if record["knn_unconverged"] > 0:

@@ -39,7 +39,8 @@ def compute_loss(cfg: Config, z_global, u_global, z_local, u_local, rank: int, f
     offset = rank * z1.shape[0]
     labels = None
     if cfg.loss.multicrop_rule == "knn" and z_local is not None:  # one pass: crops' 1-NN + head-2 logits
-        graph_rows, _, converged = knn_graph_rows_fused(u1, u2, u_local, gathered[2], gathered[3], cfg.loss.tau,
+        graph_tau = cfg.loss.tau if cfg.loss.graph_tau is None else cfg.loss.graph_tau
+        graph_rows, _, converged = knn_graph_rows_fused(u1, u2, u_local, gathered[2], gathered[3], graph_tau,
                                                         fixed_blocks=KNN_LABEL_BLOCKS,
                                                         backend=cfg.loss.similarity_backend)
         if flags is not None:
@@ -49,7 +50,7 @@ def compute_loss(cfg: Config, z_global, u_global, z_local, u_local, rank: int, f
     if wdist.world_size() > 1:  # each rank searches its own rows; every rank gets the same labels
         labels = (weak_labels_sharded(u1, gathered[2], offset), weak_labels_sharded(u2, gathered[3], offset))
     return wcl_loss_terms(z1, z2, u1, u2, *gathered, offset=offset, tau=cfg.loss.tau,
-                          z_local=z_local, u_local=u_local, labels=labels)
+                          z_local=z_local, u_local=u_local, labels=labels, graph_tau=cfg.loss.graph_tau)
 
 
 def two_heads(cfg: Config) -> bool:

@@ -180,6 +180,7 @@ def wcl_loss_terms(
     labels: tuple[torch.Tensor, torch.Tensor] | None = None,
     rule: str = "inherit",
     image_labels: torch.Tensor | None = None,
+    graph_tau: float | None = None,
 ) -> WCLTerms:
     """Both WCL terms for this rank's anchors.
 
@@ -191,6 +192,7 @@ def wcl_loss_terms(
     rule='knn': head 2 uses one label per image, `image_labels` [N] (see knn_batch_labels); every
     crop is anchored against all 2N global keys except its own column, positives = keys of images
     with the same label.
+    graph_tau: head 2's temperature (None = tau, the paper's setting).
     Returns the head-1 and head-2 terms, each the mean over all of this rank's anchors.
     """
     b, n = z1.shape[0], z1_all.shape[0]
@@ -204,6 +206,7 @@ def wcl_loss_terms(
         y1, y2 = labels if labels is not None else (weak_labels(u1_all), weak_labels(u2_all))
 
     nce = nce_rows(z1, z2, z1_all, z2_all, offset, tau, z_local).mean()  # the same under both rules
+    tau = tau if graph_tau is None else graph_tau  # head 2 from here on
     has_local = z_local is not None and z_local.shape[0] > 0
     if rule == "knn":
         graph_rows = _knn_graph_rows(u1, u2, u1_all, u2_all, u_local, rows, image_labels, tau)

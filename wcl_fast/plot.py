@@ -1,0 +1,118 @@
+"""Training curves as a picture: `python -m wcl_fast.plot RUN_DIR [RUN_DIR ...] [--out curves.png]`.
+
+Reads each run's `log.jsonl` (the trainer's interval records) and draws, against the global step,
+the loss and its terms, the learning rate, samples/s, the data-wait fraction and the kNN monitor's
+top-1 into one PNG (matplotlib, Agg backend: no display needed). Several runs are overlaid, one
+colour per run, with a legend; a resumed run's repeated steps are drawn once (the last record wins).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+PANELS = (("loss terms", None), ("learning rate", "lr"), ("samples/s", "samples_per_s"),
+          ("data-wait (%)", "data_wait"), ("kNN top-1 (%)", "knn_top1"))
+NOT_LOSS_TERMS = {"step", "time", "lr", "epoch", "samples_per_s", "data_wait", "failed_images", "skipped_steps",
+                  "knn_top1", "knn_top5", "replica_divergence", "knn_unconverged"}
+
+
+class PlotError(ValueError):
+    """A run folder without a readable log.jsonl; the message names it and what to do."""
+
+
+def read_log(run_dir: str | Path) -> list[dict]:
+    """The records of RUN_DIR/log.jsonl in step order (for a repeated step the last record wins per key)."""
+    path = Path(run_dir) / "log.jsonl"
+    if not path.is_file():
+        raise PlotError(f"{path} does not exist; pass the train.out_dir of a run (it holds log.jsonl)")
+    merged: dict[tuple[int, str], dict] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise PlotError(f"{path} line {number} is not JSON; is this a wcl-fast log?") from None
+        if "step" not in record:
+            continue
+        # interval records and monitor records of the same step are kept apart, then merged per key
+        kind = "knn" if "knn_top1" in record else "interval" if "loss" in record else "other"
+        merged.setdefault((int(record["step"]), kind), {}).update(record)
+    return [merged[key] for key in sorted(merged)]
+
+
+def loss_terms(records: list[dict]) -> list[str]:
+    """The logged loss and its terms ('loss' first), as they appear in the interval records."""
+    names: list[str] = []
+    for record in records:
+        if "loss" not in record:
+            continue
+        for key, value in record.items():
+            if key not in NOT_LOSS_TERMS and isinstance(value, (int, float)) and key not in names:
+                names.append(key)
+    return sorted(names, key=lambda name: (name != "loss", names.index(name)))
+
+
+def plot_runs(run_dirs: list[str | Path], out: str | Path, labels: list[str] | None = None) -> Path:
+    """Draw the curves of `run_dirs` into the PNG `out`; returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [(labels[i] if labels else Path(d).name or str(d), read_log(d)) for i, d in enumerate(run_dirs)]
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.6))
+    styles = ("-", "--", ":", "-.")
+    for run_index, (label, records) in enumerate(runs):
+        colour = f"C{run_index % 10}"
+        for (title, key), ax in zip(PANELS, axes):
+            if key is None:  # the loss and its terms, one line style per term
+                for term_index, term in enumerate(loss_terms(records)):
+                    points = [(r["step"], r[term]) for r in records if isinstance(r.get(term), (int, float))]
+                    if points:
+                        ax.plot(*zip(*points), styles[term_index % len(styles)], color=colour,
+                                label=f"{label}: {term}" if len(runs) > 1 else term)
+                continue
+            points = [(r["step"], 100 * r[key] if key == "data_wait" else r[key])
+                      for r in records if isinstance(r.get(key), (int, float))]
+            if points:
+                ax.plot(*zip(*points), "o-" if key == "knn_top1" else "-", color=colour, label=label)
+    for (title, key), ax in zip(PANELS, axes):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m wcl_fast.plot", description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", help="run folders (train.out_dir), each with a log.jsonl")
+    parser.add_argument("--out", default=None, help="PNG to write (default: RUN_DIR/curves.png of the first run)")
+    parser.add_argument("--labels", default=None, help="comma-separated legend names, one per run")
+    args = parser.parse_args(argv)
+    labels = args.labels.split(",") if args.labels else None
+    if labels is not None and len(labels) != len(args.runs):
+        print(f"error: --labels has {len(labels)} names for {len(args.runs)} runs; give one per run", file=sys.stderr)
+        return 2
+    try:
+        out = plot_runs(args.runs, args.out or Path(args.runs[0]) / "curves.png", labels)
+    except PlotError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
