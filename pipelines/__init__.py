@@ -39,7 +39,8 @@ def _importable(module: str) -> bool:
 
 def choose_backend(data_cfg, cuda_available: bool | None = None, dali_available: bool | None = None) -> LoaderChoice:
     """Resolve `data.backend`. An explicit backend is kept. `auto` picks, in this order:
-    ffcv when data.beton is set (the user converted the data for it); DALI when CUDA and DALI are both
+    ffcv when data.beton is set (the user converted the data for it); the reference loader for the small
+    datasets' own layouts (data.dataset other than imagefolder); DALI when CUDA and DALI are both
     available (nvJPEG decoding with device="mixed", augmentations in the DALI graph on the GPU);
     otherwise the reference PIL loader, with a warning saying why and how to get a fast loader."""
     requested = data_cfg.backend
@@ -47,6 +48,8 @@ def choose_backend(data_cfg, cuda_available: bool | None = None, dali_available:
         return LoaderChoice(requested, requested, "data.backend set explicitly")
     if data_cfg.beton:
         return LoaderChoice("auto", "ffcv", f"auto: data.beton is set ({data_cfg.beton})")
+    if data_cfg.dataset != "imagefolder":  # the small datasets' own layouts (pipelines/datasets.py)
+        return LoaderChoice("auto", "reference", f"auto: data.dataset={data_cfg.dataset} is read from its own files")
     cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
     dali = _importable("nvidia.dali") if dali_available is None else dali_available
     if cuda and dali:
@@ -116,7 +119,8 @@ def build_train_eval_loader(cfg: Config, batch_size: int, rank: int, world: int)
     if cfg.data.backend == "auto":
         resolve_backend(cfg)
     if cfg.data.backend in ("reference", "dali", "ffcv"):  # ffcv: data.beton in record (= sample id) order
-        loader, count, _ = build_eval_loader(cfg.data, cfg.data.train_dir, "data.train_dir", batch_size, rank, world, pin)
+        loader, count, _ = build_eval_loader(cfg.data, cfg.data.train_dir, "data.train_dir", batch_size, rank, world, pin,
+                                             pretraining=True)  # the samples (and ids) training batches use
         return loader, count
     if cfg.data.backend == "synthetic":
         from torch.utils.data import DataLoader, Subset
@@ -131,7 +135,8 @@ def build_train_eval_loader(cfg: Config, batch_size: int, rank: int, world: int)
     raise ConfigError(f"data.backend: {cfg.data.backend!r} has no evaluation view of the training set")
 
 
-def build_eval_loader(data_cfg, directory: str, key: str, batch_size: int, rank: int, world: int, pin_memory: bool = False):
+def build_eval_loader(data_cfg, directory: str, key: str, batch_size: int, rank: int, world: int, pin_memory: bool = False,
+                      pretraining: bool = False):
     """Evaluation transform (Resize + CenterCrop) over this rank's unpadded shard of an ImageFolder with
     the configured backend (dali: pipelines.dali; otherwise the reference loader).
     Returns (loader, total samples, number of classes)."""
@@ -152,4 +157,4 @@ def build_eval_loader(data_cfg, directory: str, key: str, batch_size: int, rank:
         return loader, loader.count, len(loader.classes)
     from pipelines.reference import build_eval_loader as reference_eval_loader
 
-    return reference_eval_loader(data_cfg, directory, key, batch_size, rank, world, pin_memory)
+    return reference_eval_loader(data_cfg, directory, key, batch_size, rank, world, pin_memory, pretraining)

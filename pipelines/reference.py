@@ -334,17 +334,21 @@ def shard_range(num_samples: int, rank: int, world: int) -> range:
 
 
 def build_train_loader(cfg: DataConfig, seed: int, rank: int, world: int, pin_memory: bool) -> MultiCropLoader:
-    samples, _ = scan_image_folder(cfg.train_dir, "data.train_dir")
-    dataset = MultiCropDataset(ImageSource(samples), cfg, seed)
+    from pipelines.datasets import load_split
+
+    samples, _, decode = load_split(cfg, cfg.train_dir, "data.train_dir", pretraining=True)
+    dataset = MultiCropDataset(ImageSource(samples, decode), cfg, seed)
     sampler = StepSampler(len(dataset), cfg.batch_size, rank, world, seed)
     return MultiCropLoader(dataset, sampler, cfg.workers, pin_memory)
 
 
 def build_eval_loader(cfg: DataConfig, directory: str, key: str, batch_size: int, rank: int, world: int,
-                      pin_memory: bool) -> tuple[DataLoader, int, int]:
+                      pin_memory: bool, pretraining: bool = False) -> tuple[DataLoader, int, int]:
     """(loader over this rank's unpadded shard, total samples, number of classes)."""
-    samples, classes = scan_image_folder(directory, key)
-    dataset = EvalDataset(ImageSource(samples), cfg)
+    from pipelines.datasets import load_split
+
+    samples, classes, decode = load_split(cfg, directory, key, pretraining)  # pretraining: the pre-training samples
+    dataset = EvalDataset(ImageSource(samples, decode), cfg)
     shard = torch.utils.data.Subset(dataset, list(shard_range(len(dataset), rank, world)))
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=cfg.workers,
                         pin_memory=pin_memory, collate_fn=collate_eval)

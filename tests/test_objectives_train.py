@@ -124,16 +124,28 @@ def test_compare_prints_table_json_and_chart(tmp_path):
                 pixels = np.clip(np.array(colour) + rng.normal(0, 25, (24, 24, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.jpg")
     out = tmp_path / "out"
-    code = main(["--config", str(ROOT / "configs" / "cpu_compare.yaml"), "--objectives", "simclr,co2,slr",
+    code = main(["--config", str(ROOT / "configs" / "cpu_compare.yaml"), "--objectives", "simclr,wcl,slr", "--seeds", "2",
                  "--out", str(out), f"data.train_dir={tmp_path / 'data' / 'train'}",
                  f"data.val_dir={tmp_path / 'data' / 'val'}", "data.batch_size=8", "data.workers=0",
                  "train.epochs=1", "model.head_hidden=32", "model.head_out=16", "loss.momentum.queue_size=16",
                  "knn.k=5", "knn.batch_size=8", "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]"])
     assert code == 0
     result = json.loads((out / "compare.json").read_text())
-    assert [r["objective"] for r in result["rows"]] == ["untrained", "simclr", "co2", "slr"]
-    assert result["knn"]["count"] == 10
+    assert [r["objective"] for r in result["rows"]] == ["untrained", "simclr", "wcl", "slr"]
+    assert result["knn"]["count"] == 10 and result["seeds"] == [0, 1]
     for row in result["rows"]:
-        assert 0 <= row["knn_top1"] <= 100 and row["knn_top1"] * 10 / 100 == pytest.approx(round(row["knn_top1"] / 10))
-    assert (out / "compare.png").stat().st_size > 1000
+        values = [run["knn_top1"] for run in row["runs"]]
+        assert [run["seed"] for run in row["runs"]] == [0, 1]
+        for value in values:  # 10 test images: multiples of 10 %
+            assert 0 <= value <= 100 and value * 10 / 100 == pytest.approx(round(value / 10))
+        mean = sum(values) / 2
+        assert row["knn_top1"] == pytest.approx(mean)
+        assert row["knn_top1_sd"] == pytest.approx(((values[0] - mean) ** 2 + (values[1] - mean) ** 2) ** 0.5)
+    for name in ("simclr", "wcl", "slr"):  # every seed trained into its own folder
+        assert all((out / name / f"seed{seed}" / "log.jsonl").is_file() for seed in (0, 1))
+    rows = {r["objective"]: r for r in result["rows"]}
+    relation = ">=" if rows["wcl"]["knn_top1"] >= rows["simclr"]["knn_top1"] else "<"
+    assert result["verdict"].startswith(f"WCL {relation} SimCLR at matched tau")
+    assert (out / "compare.png").stat().st_size > 1000 and (out / "curves.png").stat().st_size > 1000
+    assert main(["--seeds", "0"]) == 2
     assert main(["--objectives", "moco"]) == 2

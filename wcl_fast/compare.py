@@ -4,9 +4,12 @@
 
 Trains every objective with the same data, model, crops, batch, epochs, optimiser and seed (only
 `loss.objective` changes; each objective's own settings come from the config's loss.* sections),
-then evaluates the encoder with the weighted kNN monitor. Prints one table (kNN top-1/top-5,
-samples/s, wall time, final loss) with the untrained encoder as the floor, and writes
-<out>/compare.json and <out>/compare.png (bar chart of kNN top-1). With the default config it runs
+then evaluates the encoder with the weighted kNN monitor; with --seeds N (default 3) every objective
+(and the untrained floor) runs for seeds train.seed .. train.seed + N - 1. Prints one table (mean +- sd
+over seeds of kNN top-1/top-5; samples/s, wall time, final loss) with the untrained encoder as the
+floor and one sentence on WCL vs SimCLR at the same tau (paired by seed), and writes
+<out>/compare.json (per-seed values too), <out>/compare.png (mean, sd and every seed of kNN top-1) and
+<out>/curves.png (the first seed's training curves, one colour per objective). With the default config it runs
 on the demo's MNIST digits (written by wcl_fast.demo when missing).
 """
 from __future__ import annotations
@@ -24,11 +27,28 @@ DEFAULT_CONFIG = REPO / "configs" / "cpu_compare.yaml"
 ALL = ("simclr", "wcl", "clinfonce", "co2", "slr")
 
 
-def run(cfg_path: str, objectives: list[str], overrides: list[str], out: Path, data: str | None) -> dict:
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    mean = sum(values) / len(values)
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return mean, sd
+
+
+def summarise(name: str, runs: list[dict]) -> dict:
+    """One table row from the per-seed results of one objective: mean and sd of every number."""
+    row = {"objective": name, "seeds": [r["seed"] for r in runs], "runs": runs}
+    for key in ("knn_top1", "knn_top5", "samples_per_s", "wall_s", "loss"):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        row[key], row[f"{key}_sd"] = _mean_sd(values) if values else (None, None)
+    return row
+
+
+def run(cfg_path: str, objectives: list[str], overrides: list[str], out: Path, data: str | None, seeds: int = 3) -> dict:
     from wcl_fast import dist as wdist
     from wcl_fast.config import check_paths, load_config
     from wcl_fast.knn import evaluate_knn
     from wcl_fast.model import build_model
+    from wcl_fast.plot import plot_runs
     from wcl_fast.train import train
 
     extra = []
@@ -40,50 +60,82 @@ def run(cfg_path: str, objectives: list[str], overrides: list[str], out: Path, d
     base = load_config(cfg_path, [*extra, *overrides, "knn.at_end=true"])
     check_paths(base)
     ctx = wdist.init_distributed()
-    rows = []
-    torch.manual_seed(base.train.seed)
-    untrained = build_model(base.model).to(ctx.device)
-    floor = evaluate_knn(untrained.net, base, ctx.device)
-    rows.append({"objective": "untrained", "knn_top1": floor["top1"], "knn_top5": floor["top5"],
-                 "samples_per_s": None, "wall_s": None, "loss": None})
+    seed_list = [base.train.seed + i for i in range(seeds)]
+    per_objective: dict[str, list[dict]] = {"untrained": []}
+    for seed in seed_list:  # the floor: each seed's initial weights, eval-mode BN (initial statistics)
+        torch.manual_seed(seed)
+        untrained = build_model(base.model).to(ctx.device)
+        floor = evaluate_knn(untrained.net, base, ctx.device)
+        per_objective["untrained"].append({"seed": seed, "knn_top1": floor["top1"], "knn_top5": floor["top5"]})
     for name in objectives:
-        cfg = load_config(cfg_path, [*extra, *overrides, "knn.at_end=true", f"loss.objective={name}",
-                                     f"train.out_dir={out / name}", "train.resume=none"])
-        start = time.perf_counter()
-        summary = train(cfg, ctx)
-        rows.append({"objective": name, "knn_top1": summary["knn_top1"], "knn_top5": summary["knn_top5"],
-                     "samples_per_s": summary["mean_samples_per_s"], "wall_s": time.perf_counter() - start,
-                     "loss": summary.get("loss")})
-        if ctx.is_main:
-            print(f"[compare] {name}: kNN top-1 {summary['knn_top1']:.2f}%", flush=True)
+        per_objective[name] = []
+        for seed in seed_list:
+            cfg = load_config(cfg_path, [*extra, *overrides, "knn.at_end=true", f"loss.objective={name}",
+                                         f"train.seed={seed}", f"train.out_dir={out / name / f'seed{seed}'}",
+                                         "train.resume=none"])
+            start = time.perf_counter()
+            summary = train(cfg, ctx)
+            per_objective[name].append({"seed": seed, "knn_top1": summary["knn_top1"], "knn_top5": summary["knn_top5"],
+                                        "samples_per_s": summary["mean_samples_per_s"],
+                                        "wall_s": time.perf_counter() - start, "loss": summary.get("loss")})
+            if ctx.is_main:
+                print(f"[compare] {name} seed {seed}: kNN top-1 {summary['knn_top1']:.2f}%", flush=True)
+    rows = [summarise(name, runs) for name, runs in per_objective.items()]
     result = {"config": str(cfg_path), "overrides": overrides, "epochs": base.train.epochs,
-              "batch_size": base.data.batch_size, "arch": base.model.arch, "seed": base.train.seed,
+              "batch_size": base.data.batch_size, "arch": base.model.arch, "seeds": seed_list, "tau": base.loss.tau,
               "knn": {"k": base.knn.k, "temperature": base.knn.temperature, "count": floor["count"]},
               "device": str(ctx.device), "world_size": ctx.world_size, "rows": rows}
+    result["verdict"] = verdict(result)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "compare.json").write_text(json.dumps(result, indent=2))
         print(format_table(result))
+        if result["verdict"]:
+            print(result["verdict"])
         chart = write_chart(result, out / "compare.png")
-        print(f"wrote {out / 'compare.json'}" + (f" and {chart}" if chart else " (matplotlib missing: no chart)"))
+        curves = plot_runs([out / name / f"seed{seed_list[0]}" for name in objectives], out / "curves.png",
+                           labels=list(objectives))
+        print(f"wrote {out / 'compare.json'}, {curves}" + (f" and {chart}" if chart else " (matplotlib missing: no chart)"))
     wdist.cleanup()
     return result
 
 
-def format_table(result: dict) -> str:
-    head = (f"equal budget: {result['arch']}, {result['epochs']} epochs, batch {result['batch_size']}, seed {result['seed']}, "
-            f"kNN k={result['knn']['k']} T={result['knn']['temperature']} on {result['knn']['count']} test images")
-    lines = [head, f"{'objective':<12}{'kNN top-1':>11}{'kNN top-5':>11}{'samples/s':>11}{'wall s':>9}{'final loss':>12}"]
-    for row in result["rows"]:
-        def fmt(value, spec):
-            return format(value, spec) if value is not None else "-"
+def verdict(result: dict) -> str:
+    """One plain sentence: WCL against SimCLR at the same tau on the mean over seeds, with the spread."""
+    rows = {row["objective"]: row for row in result["rows"]}
+    if "wcl" not in rows or "simclr" not in rows:
+        return ""
+    wcl, simclr = rows["wcl"], rows["simclr"]
+    diffs = [a["knn_top1"] - b["knn_top1"] for a, b in zip(wcl["runs"], simclr["runs"])]  # paired by seed
+    mean, sd = _mean_sd(diffs)
+    wins = sum(d > 0 for d in diffs)
+    relation = ">=" if wcl["knn_top1"] >= simclr["knn_top1"] else "<"
+    return (f"WCL {relation} SimCLR at matched tau {result['tau']} on the mean kNN top-1: {wcl['knn_top1']:.2f} vs "
+            f"{simclr['knn_top1']:.2f} ({mean:+.2f} +- {sd:.2f} points paired by seed; WCL ahead in {wins} of "
+            f"{len(diffs)} seeds)")
 
-        lines.append(f"{row['objective']:<12}{fmt(row['knn_top1'], '.2f'):>10}%{fmt(row['knn_top5'], '.2f'):>10}%"
-                     f"{fmt(row['samples_per_s'], '.1f'):>11}{fmt(row['wall_s'], '.0f'):>9}{fmt(row['loss'], '.4f'):>12}")
+
+def format_table(result: dict) -> str:
+    seeds = result["seeds"]
+    head = (f"equal budget: {result['arch']}, {result['epochs']} epochs, batch {result['batch_size']}, "
+            f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))}), mean +- sd; "
+            f"kNN k={result['knn']['k']} T={result['knn']['temperature']} on {result['knn']['count']} test images")
+    lines = [head, f"{'objective':<12}{'kNN top-1':>16}{'kNN top-5':>16}{'samples/s':>11}{'wall s':>9}{'final loss':>12}"]
+    for row in result["rows"]:
+        def fmt(key, spec, sd=True):
+            value = row.get(key)
+            if value is None:
+                return "-"
+            return format(value, spec) + (f" +- {row[key + '_sd']:{spec}}" if sd and len(seeds) > 1 else "")
+
+        lines.append(f"{row['objective']:<12}{fmt('knn_top1', '.2f'):>16}{fmt('knn_top5', '.2f'):>16}"
+                     f"{fmt('samples_per_s', '.1f', False):>11}{fmt('wall_s', '.0f', False):>9}"
+                     f"{fmt('loss', '.4f', False):>12}")
     return "\n".join(lines)
 
 
 def write_chart(result: dict, path: Path) -> Path | None:
+    """Bar chart of the mean kNN top-1 per objective, error bars = sd over seeds, dots = the seeds."""
     try:
         import matplotlib
 
@@ -91,15 +143,22 @@ def write_chart(result: dict, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    names = [row["objective"] for row in result["rows"]]
-    values = [row["knn_top1"] for row in result["rows"]]
-    fig, ax = plt.subplots(figsize=(1.3 * len(names) + 2, 3.5))
-    bars = ax.bar(names, values, color=["#999999"] + ["#3465a4"] * (len(names) - 1))
-    ax.bar_label(bars, fmt="%.1f")
-    low = min(values)
-    ax.set_ylim(max(0.0, low - 10), min(100.0, max(values) + 5))
+    rows = result["rows"]
+    names = [row["objective"] for row in rows]
+    means = [row["knn_top1"] for row in rows]
+    sds = [row["knn_top1_sd"] or 0.0 for row in rows]
+    fig, ax = plt.subplots(figsize=(1.3 * len(names) + 2, 3.8))
+    bars = ax.bar(names, means, yerr=sds, capsize=4, color=["#999999"] + ["#3465a4"] * (len(names) - 1), alpha=0.85)
+    ax.bar_label(bars, labels=[f"{m:.1f}" for m in means], label_type="center", color="white", fontsize=8)
+    every = []
+    for x, row in enumerate(rows):
+        values = [r["knn_top1"] for r in row["runs"]]
+        every += values
+        ax.scatter([x] * len(values), values, color="black", s=10, zorder=3)
+    ax.set_ylim(max(0.0, min(every) - 8), min(100.0, max(every) + 4))
     ax.set_ylabel("kNN top-1 (%)")
-    ax.set_title(f"{result['arch']}, {result['epochs']} epochs, batch {result['batch_size']} (equal budget)")
+    ax.set_title(f"{result['arch']}, {result['epochs']} epochs, batch {result['batch_size']}, "
+                 f"{len(result['seeds'])} seeds (mean, sd, each seed)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -115,9 +174,13 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="runs/compare", help="folder for the runs, compare.json and compare.png")
     parser.add_argument("--data", default=None, help="demo MNIST folder to write/use (default: data/mnist_jpeg "
                         "when the config leaves data.train_dir empty)")
+    parser.add_argument("--seeds", type=int, default=3, help="train.seed, train.seed + 1, ...: mean +- sd over them")
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every objective")
     args = parser.parse_args(argv)
     objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
+    if args.seeds < 1:
+        print(f"error: --seeds must be >= 1, got {args.seeds}", file=sys.stderr)
+        return 2
     unknown = [o for o in objectives if o not in ALL]
     if unknown or not objectives:
         print(f"error: --objectives: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(ALL)}", file=sys.stderr)
@@ -128,7 +191,7 @@ def main(argv=None) -> int:
         data = args.data
         if data is None and not load_config(args.config, args.overrides).data.train_dir:
             data = str(Path("data") / "mnist_jpeg")
-        run(args.config, objectives, args.overrides, Path(args.out), data)
+        run(args.config, objectives, args.overrides, Path(args.out), data, args.seeds)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -26,6 +26,11 @@ class DataConfig:
     # available, else reference with a warning (pipelines.choose_backend). dali / ffcv: pipelines/dali.py,
     # pipelines/ffcv.py; reference: the PIL worker loader; synthetic: decode-free crops for tests.
     backend: Literal["auto", "reference", "synthetic", "dali", "ffcv"] = "auto"
+    # imagefolder: train_dir / val_dir hold one sub-folder per class. cifar10 / cifar100 / stl10: both name the
+    # folder holding the extracted python / binary archive; tinyimagenet: tiny-imagenet-200/train and /val
+    # (pipelines/datasets.py). The small datasets are read by the reference loader.
+    dataset: Literal["imagefolder", "cifar10", "cifar100", "stl10", "tinyimagenet"] = "imagefolder"
+    stl10_unlabeled: bool = True  # dataset stl10: pre-train on train + the 100,000 unlabeled images
     train_dir: str = ""  # ImageFolder: one sub-folder per class
     beton: str = ""  # backend ffcv: the training .beton (python -m pipelines.convert)
     val_beton: str = ""  # backend ffcv: the validation .beton for evaluation ("" = read data.val_dir)
@@ -352,6 +357,10 @@ def _check_values(cfg: Config) -> None:
     for key, scale in {"data.global_scale": cfg.data.global_scale, "data.local_scale": cfg.data.local_scale}.items():
         if scale is not None and (len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1):
             raise ConfigError(f"config key '{key}' must be [low, high] with 0 < low <= high <= 1, got {scale}")
+    if cfg.data.dataset != "imagefolder" and cfg.data.backend in ("dali", "ffcv"):
+        raise ConfigError(f"data.dataset={cfg.data.dataset} is read from its own files by the reference loader; set "
+                          f"data.backend=reference (or auto), or use it as an ImageFolder (data.dataset=imagefolder) "
+                          f"for data.backend={cfg.data.backend}")
     if cfg.model.widths and (len(cfg.model.widths) != 4 or min(cfg.model.widths) <= 0):
         raise ConfigError(f"config key 'model.widths' must list 4 positive stage widths (or be []), got {cfg.model.widths}")
     if cfg.loss.graph_tau is not None and cfg.loss.graph_tau <= 0:

@@ -75,8 +75,8 @@ class _SubsetByKey(torch.utils.data.Dataset):
 
 def finetune(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
     from pipelines import build_eval_loader, resolve_backend
-    from pipelines.reference import (ImageSource, MultiCropLoader, StepSampler, collate_eval,
-                                     scan_image_folder)
+    from pipelines.datasets import load_split
+    from pipelines.reference import ImageSource, MultiCropLoader, StepSampler, collate_eval
     from wcl_fast.knn import gather_variable
     from wcl_fast.linear import LinearTrainDataset, accuracy, load_encoder
 
@@ -89,7 +89,7 @@ def finetune(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
 
         samples, classes, root = beton_samples(cfg.data.beton)
     else:
-        samples, classes = scan_image_folder(cfg.data.train_dir, "data.train_dir")
+        samples, classes, decode = load_split(cfg.data, cfg.data.train_dir, "data.train_dir")
         root = cfg.data.train_dir
     if ft.subset_file:
         subset = read_subset_file(ft.subset_file, samples, root)
@@ -121,7 +121,7 @@ def finetune(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
                                      batch_size=ft.batch_size)
     else:
         sampler = StepSampler(len(subset), ft.batch_size, ctx.rank, ctx.world_size, cfg.train.seed)
-        dataset = _SubsetByKey(LinearTrainDataset(ImageSource(samples), cfg.data, cfg.train.seed), subset)
+        dataset = _SubsetByKey(LinearTrainDataset(ImageSource(samples, decode), cfg.data, cfg.train.seed), subset)
         loader = MultiCropLoader(dataset, sampler, cfg.data.workers, pin, collate=collate_eval)
     lr = ft.lr_scale * ft.batch_size / 256
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=ft.momentum, nesterov=ft.nesterov,

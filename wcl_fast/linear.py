@@ -83,8 +83,8 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
 def train_linear(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
     """Train the linear classifier; returns final and best-epoch top-1/top-5 on the validation set."""
     from pipelines import build_eval_loader, resolve_backend
-    from pipelines.reference import (ImageSource, MultiCropLoader, StepSampler, collate_eval,
-                                     scan_image_folder)
+    from pipelines.datasets import load_split
+    from pipelines.reference import ImageSource, MultiCropLoader, StepSampler, collate_eval
 
     ctx = ctx or wdist.init_distributed()
     resolve_backend(cfg)  # data.backend=auto -> the concrete loader
@@ -128,9 +128,9 @@ def train_linear(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
                                          batch_size=lin.batch_size)
             sampler = loader.sampler
         else:
-            samples, _ = scan_image_folder(cfg.data.train_dir, "data.train_dir")
+            samples, _, decode = load_split(cfg.data, cfg.data.train_dir, "data.train_dir")
             sampler = StepSampler(len(samples), lin.batch_size, ctx.rank, ctx.world_size, cfg.train.seed)
-            loader = MultiCropLoader(LinearTrainDataset(ImageSource(samples), cfg.data, cfg.train.seed), sampler,
+            loader = MultiCropLoader(LinearTrainDataset(ImageSource(samples, decode), cfg.data, cfg.train.seed), sampler,
                                      cfg.data.workers, pin, collate=collate_eval)
         model = (torch.nn.parallel.DistributedDataParallel(classifier, device_ids=[device.index] if pin else None)
                  if ctx.distributed else classifier)
