@@ -106,10 +106,6 @@ def write_photo_images(root: Path, count: int = 256, size=(500, 375)) -> Path:
 
 
 def build(backend: str, cfg):
-    if backend == "auto":  # what data.backend=auto picks on this machine
-        from pipelines import choose_backend
-
-        return build(choose_backend(cfg).backend, cfg)
     if backend == "reference":
         from pipelines.reference import build_train_loader
 
@@ -137,8 +133,13 @@ def build(backend: str, cfg):
 
 
 def measure(backend: str, cfg, batches: int) -> dict:
+    chosen = None
+    if backend == "auto":  # what data.backend=auto picks on this machine
+        from pipelines import choose_backend
+
+        chosen = choose_backend(cfg).backend
     start = time.perf_counter()
-    loader = build(backend, cfg)
+    loader = build(chosen or backend, cfg)
     build_s = time.perf_counter() - start
     steps = len(loader)
     it, epoch, done = loader.epoch(0), 0, 0
@@ -168,10 +169,8 @@ def measure(backend: str, cfg, batches: int) -> dict:
             "batches": batches, "batch_size": cfg.batch_size, "build_s": build_s, "first_batch_s": times[0],
             "steps_per_epoch": steps, "cores": cores, "samples_per_s_per_core": per_core,
             "cores_per_gpu": {card: per_gpu_target(card) / per_core for card in ("H100", "A100")}}
-    if backend == "auto":
-        from pipelines import choose_backend
-
-        row["chosen"] = choose_backend(cfg).backend
+    if chosen is not None:
+        row["chosen"] = chosen
     return row
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipelines.reference import IMAGE_EXTENSIONS, load_rgb, scan_image_folder
 from wcl_fast.config import ConfigError
 
 ARRAY_DATASETS = ("cifar10", "cifar100", "stl10")
@@ -78,8 +79,6 @@ def _array_split(dataset: str, root: str, key: str, train: bool, pretraining: bo
         else:
             data = cls(root, train=train, download=False)
             images, labels, classes = data.data, [int(v) for v in data.targets], list(data.classes)  # [N, 32, 32, 3]
-    except ConfigError:
-        raise
     except Exception as exc:  # missing member file, truncated or foreign pickle / binary
         raise ConfigError(f"{key}: could not read {dataset} from '{expected}' ({type(exc).__name__}: {exc}); "
                           f"extract {archive} there again") from None
@@ -91,8 +90,6 @@ def _array_split(dataset: str, root: str, key: str, train: bool, pretraining: bo
 
 
 def _tiny_imagenet_val(root: str, key: str):
-    from pipelines.reference import IMAGE_EXTENSIONS
-
     folder = Path(root)
     annotations = folder / "val_annotations.txt"
     if not annotations.is_file():
@@ -126,12 +123,10 @@ def load_split(cfg, directory: str, key: str, pretraining: bool = False):
 
     key: 'data.train_dir' (the training split) or 'data.val_dir' (the evaluation split).
     pretraining: the split the self-supervised loader reads (STL-10: train + unlabeled)."""
-    from pipelines.reference import load_rgb, scan_image_folder
-
-    dataset = getattr(cfg, "dataset", "imagefolder")
+    dataset = cfg.dataset
     train = key != "data.val_dir"
     if dataset in ARRAY_DATASETS:
-        return _array_split(dataset, directory, key, train, pretraining, getattr(cfg, "stl10_unlabeled", True))
+        return _array_split(dataset, directory, key, train, pretraining, cfg.stl10_unlabeled)
     if dataset == "tinyimagenet" and not train:
         samples, classes = _tiny_imagenet_val(directory, key)
         return samples, classes, load_rgb
