@@ -125,13 +125,13 @@ def build_train_eval_loader(cfg: Config, batch_size: int, rank: int, world: int)
     if cfg.data.backend == "synthetic":
         from torch.utils.data import DataLoader, Subset
 
-        from pipelines.reference import collate_eval, shard_range
+        from pipelines.reference import collate_eval, ignore_stop_signals, shard_range
         from pipelines.synthetic import SyntheticEvalDataset
 
         dataset = SyntheticEvalDataset(cfg.data, cfg.train.seed)
         shard = Subset(dataset, list(shard_range(len(dataset), rank, world)))
         return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=cfg.data.workers,
-                          collate_fn=collate_eval), len(dataset)
+                          collate_fn=collate_eval, worker_init_fn=ignore_stop_signals), len(dataset)
     raise ConfigError(f"data.backend: {cfg.data.backend!r} has no evaluation view of the training set")
 
 

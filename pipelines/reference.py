@@ -15,6 +15,7 @@ batch is the same whatever the number of workers or ranks, and a resumed run see
 from __future__ import annotations
 
 import math
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,12 +281,24 @@ class StepSampler(Sampler):
         return self.steps_per_epoch - self.start_step
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: workers ignore SIGINT and SIGTERM.
+
+    Clusters (SLURM, timeout, container runtimes) and Ctrl-C signal the whole process group; a worker
+    that died of it would make the trainer fail with 'DataLoader worker killed by signal' before it
+    could write its checkpoint. The trainer alone handles the signal (checkpoint, then exit); workers
+    end when it closes the loader, or within seconds of its death (PyTorch's worker watchdog)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class MultiCropLoader:
     """Iterates MultiCropBatch for one epoch at a time (`loader.epoch(e, start_step)`)."""
 
     def __init__(self, dataset: Dataset, sampler: StepSampler, workers: int, pin_memory: bool, collate=collate_multicrop):
         self.sampler = sampler
-        kwargs = dict(num_workers=workers, pin_memory=pin_memory, collate_fn=collate, batch_sampler=sampler)
+        kwargs = dict(num_workers=workers, pin_memory=pin_memory, collate_fn=collate, batch_sampler=sampler,
+                      worker_init_fn=ignore_stop_signals)
         if workers > 0:
             kwargs.update(persistent_workers=True, prefetch_factor=4)
         self.loader = DataLoader(dataset, **kwargs)
@@ -351,5 +364,5 @@ def build_eval_loader(cfg: DataConfig, directory: str, key: str, batch_size: int
     dataset = EvalDataset(ImageSource(samples, decode), cfg)
     shard = torch.utils.data.Subset(dataset, list(shard_range(len(dataset), rank, world)))
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=cfg.workers,
-                        pin_memory=pin_memory, collate_fn=collate_eval)
+                        pin_memory=pin_memory, collate_fn=collate_eval, worker_init_fn=ignore_stop_signals)
     return loader, len(dataset), len(classes)

@@ -181,7 +181,7 @@ def test_consecutive_nan_steps_stop_the_run_and_keep_the_checkpoint(tmp_path, mo
     from wcl_fast.train import NonFiniteError
 
     _inject_nan(monkeypatch, lambda step: step >= 4)  # epoch 0 (4 steps) is fine, then every step fails
-    with pytest.raises(NonFiniteError, match="3 steps in a row had non-finite gradients"):
+    with pytest.raises(NonFiniteError, match="3 steps in a row had non-finite gradients or BatchNorm statistics"):
         train(_cfg(tmp_path, "train.epochs=3", "data.local_crops=0", "train.max_bad_steps=3"))
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert (state["epoch"], state["global_step"]) == (1, 4)

@@ -1,30 +1,129 @@
-"""Atomic checkpoints: write to a temporary file in the same directory, fsync, then rename."""
+"""Checkpoint files and run folders.
+
+- `atomic_save`: serialise in memory, write to a temporary file in the same directory, fsync, rename;
+  a crash never leaves a partial file under the real name, and a failed write (full disk, I/O error)
+  raises `CheckpointWriteError` with one line while the previous file stays intact.
+- `load_checkpoint` / `encoder_weights` / `load_weights`: read a checkpoint or a torchvision /
+  reference-code state dict, with one-line `CheckpointError`s (a `ConfigError`: exit 2 in every command)
+  that name the file and, for a model that does not fit, the first differing tensor and the keys.
+- `RunLock`: one live run per output folder (a POSIX record lock that dies with its process).
+"""
 from __future__ import annotations
 
+import errno
+import fcntl
+import io
 import os
 import random
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from wcl_fast.config import ConfigError
+
+TMP_SUFFIX = ".tmp"
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that is missing, unreadable or does not fit the model (a user error: exit 2)."""
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (no space, I/O error); the previous file under that name is intact."""
+
+
+def temp_name_prefix(path: Path) -> str:
+    return f".{path.name}."
+
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
-    """torch.save to `path` so that a crash never leaves a partial file under that name."""
+    """torch.save to `path` so that a crash never leaves a partial file under that name.
+
+    The object is serialised into memory first, so that a failing write surfaces as the operating
+    system's error (ENOSPC, EIO, EFBIG) instead of the zip writer's 'unexpected pos'."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=temp_name_prefix(path), suffix=TMP_SUFFIX, dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+            handle.write(buffer.getbuffer())
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        tmp = None
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            reason += f" ({buffer.getbuffer().nbytes / 2**20:.0f} MB to write)"
+        previous = f"the previous '{path.name}' there is intact" if path.is_file() else f"no earlier '{path.name}' exists"
+        raise CheckpointWriteError(exc.errno, f"could not write checkpoint '{path}': {reason}; {previous}. "
+                                              f"Free space or choose another folder, then resume") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, names=("checkpoint.pt",)) -> tuple[int, int]:
+    """Delete the temporary files that interrupted `atomic_save` calls (killed processes) left in
+    `folder`; call it only while holding the folder's RunLock. Returns (files, bytes) removed."""
+    folder = Path(folder)
+    count = size = 0
+    if not folder.is_dir():
+        return 0, 0
+    prefixes = tuple(temp_name_prefix(Path(name)) for name in names)
+    for entry in folder.iterdir():
+        if entry.name.startswith(prefixes) and entry.name.endswith(TMP_SUFFIX) and entry.is_file():
+            try:
+                size += entry.stat().st_size
+                entry.unlink()
+                count += 1
+            except OSError:
+                pass
+    return count, size
+
+
+class RunLock:
+    """Exclusive hold on a run folder: a POSIX record lock on `<folder>/.lock`.
+
+    The kernel drops the lock when the holding process ends in any way (kill -9 included), so a
+    resume is never blocked by a dead run; record locks are not inherited by forked DataLoader
+    workers. The file holds the holder's pid, host and start time for the message of a second run."""
+
+    NAME = ".lock"
+
+    def __init__(self, folder: str | os.PathLike, key: str = "train.out_dir"):
+        self.folder, self.key, self.fd = Path(folder), key, None
+
+    def acquire(self) -> "RunLock":
+        path = self.folder / self.NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):  # ENOLCK etc.: a filesystem without locks
+                os.close(fd)
+                return self
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ConfigError(f"{self.key} '{self.folder}' is in use by a live run ({holder}); wait for it to end, "
+                              f"stop it, or set {self.key} to another folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}, started "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the record lock
+            self.fd = None
 
 
 def rng_state() -> dict:
@@ -43,12 +142,87 @@ def set_rng_state(state: dict) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint on the CPU; one clear error if it is missing or unreadable."""
+    """Load a checkpoint (or any torch.save'd dict) on the CPU; one CheckpointError if it is missing,
+    empty, truncated, not a PyTorch file or not a dict."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint '{path}' does not exist; use resume=auto or a valid path")
+        raise CheckpointError(f"checkpoint '{path}' does not exist (or is not a file); check the path")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint '{path}' is empty (0 bytes): an interrupted copy or write; copy it again")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise RuntimeError(f"checkpoint '{path}' could not be read ({type(exc).__name__}); "
-                           f"it may be from another tool or damaged") from None
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for a damaged file: RuntimeError, EOFError, UnpicklingError
+        detail = str(exc).strip().splitlines()[0][:100] if str(exc).strip() else ""
+        raise CheckpointError(f"checkpoint '{path}' could not be read ({type(exc).__name__}{': ' + detail if detail else ''}); "
+                              f"it is truncated, damaged or not a PyTorch file") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint '{path}' holds a {type(state).__name__}, not a dict of tensors")
+    return state
+
+
+def _strip(state: dict, prefix: str) -> dict:
+    return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+
+
+def encoder_weights(state: dict, path: str | os.PathLike) -> dict:
+    """The ResNet encoder's tensors in torchvision key layout (conv1.*, bn1.*, layerN.*) from any of:
+    a wcl-fast training checkpoint ({'model': {'net.*', 'head1.*', ...}}), a wcl-fast model state dict,
+    an exported / torchvision ResNet state dict (fc.* dropped), a reference-code checkpoint
+    ({'model': {'module.net.*', ...}}), or any of these under 'state_dict' / 'model' with 'module.'."""
+    for _ in range(2):  # unwrap {'model': ...} / {'state_dict': ...}
+        inner = state.get("model", state.get("state_dict"))
+        if isinstance(inner, dict) and not any(torch.is_tensor(v) for v in state.values()):
+            state = inner
+    tensors = {key: value for key, value in state.items() if torch.is_tensor(value)}
+    for prefix in ("module.", "_orig_mod."):
+        if tensors and all(key.startswith(prefix) for key in tensors):
+            tensors = _strip(tensors, prefix)
+    for prefix in ("net.", "encoder.", "backbone."):
+        inner = _strip(tensors, prefix)
+        if "conv1.weight" in inner:
+            return inner
+    if "conv1.weight" in tensors:
+        return {key: value for key, value in tensors.items() if not key.startswith("fc.")}
+    first = ", ".join(list(state)[:4]) or "nothing"
+    raise CheckpointError(f"checkpoint '{path}' holds neither a wcl-fast model (net.*) nor a torchvision ResNet "
+                          f"state dict (conv1.weight, layer1.*); its first keys: {first}")
+
+
+def describe_model(model_cfg: dict) -> str:
+    widths = model_cfg.get("widths") or []
+    return (f"model.arch={model_cfg.get('arch')}, model.stem={model_cfg.get('stem')}"
+            + (f", model.widths={widths}" if widths else ""))
+
+
+def load_weights(module: torch.nn.Module, weights: dict, path: str | os.PathLike, wanted: str,
+                 written: str | None = None) -> None:
+    """module.load_state_dict(weights, strict) or one CheckpointError naming the first tensor whose shape
+    differs (or the missing / unexpected keys), what this run asks (`wanted`) and, when the checkpoint
+    says so, what it was written with (`written`)."""
+    expected = module.state_dict()
+    missing = [key for key in expected if key not in weights]
+    unexpected = [key for key in weights if key not in expected]
+    shapes = [(key, tuple(weights[key].shape), tuple(value.shape)) for key, value in expected.items()
+              if key in weights and tuple(weights[key].shape) != tuple(value.shape)]
+    if not (missing or unexpected or shapes):
+        module.load_state_dict(weights)
+        return
+    if shapes:
+        key, have, want = shapes[0]
+        what = f"'{key}' has shape {list(have)} there, this model needs {list(want)} ({len(shapes)} tensors differ)"
+    elif missing:
+        what = f"{len(missing)} tensors of this model are missing from it (first: '{missing[0]}')"
+    else:
+        what = f"it has {len(unexpected)} tensors this model lacks (first: '{unexpected[0]}')"
+    origin = f"; the checkpoint was written with {written}" if written else ""
+    raise CheckpointError(f"checkpoint '{path}' does not fit this run's model ({wanted}): {what}{origin}; "
+                          f"set the model keys to match it or choose another checkpoint")
+
+
+def load_encoder_checkpoint(encoder: torch.nn.Module, path: str | os.PathLike, model_cfg: dict) -> None:
+    """Load the encoder of any checkpoint `encoder_weights` reads into `encoder` (built from model_cfg,
+    the run's `model` section as a dict), or one CheckpointError naming the mismatch."""
+    state = load_checkpoint(path)
+    saved = state.get("config") if isinstance(state.get("config"), dict) else {}
+    written = describe_model(saved["model"]) if isinstance(saved.get("model"), dict) else None
+    load_weights(encoder, encoder_weights(state, path), path, describe_model(model_cfg), written)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,26 @@ import yaml
 
 class ConfigError(ValueError):
     """A user-facing configuration error; its message is one line: what, where, what to do."""
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 floats: `1e-5`, `5E-1` and `1.0e6` are numbers.
+
+    PyYAML resolves scalars by the YAML 1.1 rules, whose float pattern needs a dot and a signed
+    exponent (`1.0e-5`); `1e-5` then loads as the string '1e-5'. This resolver adds the YAML 1.2
+    core-schema float pattern (exponent without a dot, sign optional)."""
+
+
+_FLOAT_12 = re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+                       r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.(?:inf|Inf|INF)|[-+]\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
+_Loader.yaml_implicit_resolvers = {key: [(tag, rx) for tag, rx in value if tag != "tag:yaml.org,2002:float"]
+                                   for key, value in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
+
+
+def parse_yaml(text: str):
+    """yaml.safe_load with YAML 1.2 floats (see _Loader)."""
+    return yaml.load(text, Loader=_Loader)
 
 
 @dataclass
@@ -302,7 +323,7 @@ def _parse_override(text: str) -> tuple[list[str], object]:
         raise ConfigError(f"override '{text}' is not of the form key=value (e.g. train.epochs=100)")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = parse_yaml(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
@@ -316,7 +337,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist; pass --config configs/<experiment>.yaml")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = parse_yaml(path.read_text()) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""
@@ -345,10 +366,46 @@ def _check_values(cfg: Config) -> None:
         "knn.k": cfg.knn.k,
         "knn.temperature": cfg.knn.temperature,
         "knn.batch_size": cfg.knn.batch_size,
+        "data.eval_resize": cfg.data.eval_resize,
+        "data.eval_crop": cfg.data.eval_crop,
+        "data.synthetic_size": cfg.data.synthetic_size,
+        "data.synthetic_classes": cfg.data.synthetic_classes,
+        "model.head_hidden": cfg.model.head_hidden,
+        "model.head_out": cfg.model.head_out,
+        "optim.lr_scale": cfg.optim.lr_scale,
+        "optim.trust_coefficient": cfg.optim.trust_coefficient,
+        "linear.epochs": cfg.linear.epochs,
+        "linear.batch_size": cfg.linear.batch_size,
+        "linear.lr_scale": cfg.linear.lr_scale,
+        "finetune.epochs": cfg.finetune.epochs,
+        "finetune.batch_size": cfg.finetune.batch_size,
+        "finetune.lr_scale": cfg.finetune.lr_scale,
+        "finetune.label_fraction": cfg.finetune.label_fraction,
     }
+    if cfg.optim.base_lr is not None:
+        positive["optim.base_lr"] = cfg.optim.base_lr
     for key, value in positive.items():
-        if value <= 0:
+        if not value > 0:  # also catches NaN
             raise ConfigError(f"config key '{key}' must be > 0, got {value}")
+    for key, value in {"optim.weight_decay": cfg.optim.weight_decay, "optim.eps": cfg.optim.eps,
+                       "loss.graph_weight": cfg.loss.graph_weight,
+                       "linear.weight_decay": cfg.linear.weight_decay,
+                       "finetune.weight_decay": cfg.finetune.weight_decay}.items():
+        if not value >= 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
+    for key, value in {"optim.momentum": cfg.optim.momentum, "linear.momentum": cfg.linear.momentum,
+                       "finetune.momentum": cfg.finetune.momentum}.items():
+        if not 0 <= value < 1:
+            raise ConfigError(f"config key '{key}' must be in [0, 1), got {value}")
+    for key, value in {"data.flip_p": cfg.data.flip_p, "finetune.label_fraction": cfg.finetune.label_fraction}.items():
+        if not 0 <= value <= 1:
+            raise ConfigError(f"config key '{key}' must be in [0, 1], got {value}")
+    for key in ("mean", "std"):
+        values = getattr(cfg.data, key)
+        if len(values) != 3:
+            raise ConfigError(f"config key 'data.{key}' must list 3 numbers (R, G, B), got {values}")
+    if not all(v > 0 for v in cfg.data.std):
+        raise ConfigError(f"config key 'data.std' must hold 3 numbers > 0 (it divides the pixels), got {cfg.data.std}")
     for key, value in {"data.workers": cfg.data.workers, "data.local_crops": cfg.data.local_crops,
                        "train.stop_at_step": cfg.train.stop_at_step, "train.max_bad_steps": cfg.train.max_bad_steps, "optim.warmup_epochs": cfg.optim.warmup_epochs,
                        "knn.every_epochs": cfg.knn.every_epochs}.items():
@@ -365,9 +422,6 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"config key 'model.widths' must list 4 positive stage widths (or be []), got {cfg.model.widths}")
     if cfg.loss.graph_tau is not None and cfg.loss.graph_tau <= 0:
         raise ConfigError(f"config key 'loss.graph_tau' must be > 0 (or null = loss.tau), got {cfg.loss.graph_tau}")
-    for key in ("mean", "std"):
-        if len(getattr(cfg.data, key)) != 3:
-            raise ConfigError(f"config key 'data.{key}' must list 3 numbers (R, G, B)")
     for key, value in {"loss.clinfonce.kmeans_k": cfg.loss.clinfonce.kmeans_k,
                        "loss.clinfonce.kmeans_every": cfg.loss.clinfonce.kmeans_every,
                        "loss.clinfonce.kmeans_iters": cfg.loss.clinfonce.kmeans_iters,
@@ -410,6 +464,21 @@ def check_paths(cfg: Config, need_val: bool | None = None) -> None:
             raise ConfigError(f"config key '{key}' is empty; set {key}=/path/to/imagefolder (one sub-folder per class)")
         if not Path(value).is_dir():
             raise ConfigError(f"{key}: '{value}' is not a directory; set {key}= to an ImageFolder (one sub-folder per class)")
+
+
+def check_out_dir(value: str, key: str) -> None:
+    """An output folder must be a directory this process can create and write into."""
+    if not value:
+        raise ConfigError(f"config key '{key}' is empty; set {key}=/path/to/a/folder for the run's files")
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{key}: '{value}' exists and is not a directory; set {key} to a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot create '{value}' ({exc.strerror}); set {key} to a writable folder") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: '{value}' is not writable by this user; set {key} to a writable folder")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -13,9 +13,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 
-from wcl_fast.checkpoint import atomic_save, load_checkpoint
+from wcl_fast.checkpoint import CheckpointWriteError, atomic_save, encoder_weights, load_checkpoint
+from wcl_fast.cli import command
+from wcl_fast.config import ConfigError
 
 OFFICIAL_PREFIXES = ("module.net.", "module.head1.", "module.head2.")
 
@@ -38,6 +39,7 @@ def import_official(state: dict) -> dict:
     return {key[len("module."):]: value for key, value in model_state.items()}
 
 
+@command
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wcl_fast.export", description=__doc__.split("\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -48,15 +50,21 @@ def main(argv=None) -> int:
     try:
         if args.checkpoint:
             state = load_checkpoint(args.checkpoint)
-            out = encoder_state_dict(state["model"])
+            out = encoder_weights(state, args.checkpoint)
             if state.get("config", {}).get("model", {}).get("stem") == "small":
                 print("note: this encoder has the small-image stem; torchvision's conv1 shape differs", file=sys.stderr)
         else:
             out = {"model": import_official(load_checkpoint(args.official))}
-    except (FileNotFoundError, RuntimeError, ValueError, KeyError) as exc:
+    except (ValueError, KeyError) as exc:  # ConfigError / CheckpointError: the @command wrapper (exit 2)
+        if isinstance(exc, ConfigError):
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    atomic_save(out, Path(args.out))
+    try:
+        atomic_save(out, Path(args.out))
+    except CheckpointWriteError as exc:
+        print(f"error: {exc.strerror}", file=sys.stderr)
+        return 4
     print(f"wrote {args.out}")
     return 0
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from wcl_fast import dist as wdist
 from pipelines import resolve_backend
+from wcl_fast.cli import command
 from wcl_fast.config import Config, ConfigError, check_paths, load_config
 
 
@@ -153,23 +154,17 @@ def finetune(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
     return {"top1": top1, "top5": top5, "labelled": len(subset), "val_count": n_val}
 
 
+@command
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wcl_fast.finetune", description="Semi-supervised fine-tuning")
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. finetune.checkpoint=... finetune.label_fraction=0.1")
     args = parser.parse_args(argv)
-    ctx = None
-    try:
-        cfg = load_config(args.config, args.overrides)
-        check_paths(cfg, need_val=True)
-        resolve_backend(cfg, report=True)
-        ctx = wdist.init_distributed()
-        result = finetune(cfg, ctx)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        wdist.cleanup()
+    cfg = load_config(args.config, args.overrides)
+    check_paths(cfg, need_val=True)
+    resolve_backend(cfg, report=True)
+    ctx = wdist.init_distributed()
+    result = finetune(cfg, ctx)
     if ctx.is_main:
         print(f"fine-tuned on {result['labelled']} labelled images; {result['val_count']} validation images: "
               f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%")

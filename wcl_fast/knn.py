@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from wcl_fast import dist as wdist
+from wcl_fast.cli import command
 
 
 @torch.no_grad()
@@ -96,11 +97,12 @@ def evaluate_knn(encoder: torch.nn.Module, cfg, device: torch.device) -> dict:
     return knn_accuracy(bank, bank_labels, test, test_labels, num_classes, cfg.knn.k, cfg.knn.temperature)
 
 
+@command
 def main(argv=None) -> int:
-    from wcl_fast.checkpoint import load_checkpoint
     from pipelines import resolve_backend
-    from wcl_fast.config import ConfigError, check_paths, load_config
-    from wcl_fast.model import build_model
+    from wcl_fast.checkpoint import load_encoder_checkpoint
+    from wcl_fast.config import check_paths, load_config, to_dict
+    from wcl_fast.model import build_encoder
 
     parser = argparse.ArgumentParser(description="Weighted kNN evaluation of a WCL encoder")
     parser.add_argument("--config", required=True)
@@ -113,24 +115,19 @@ def main(argv=None) -> int:
             checkpoint = item.split("=", 1)[1]
         else:
             overrides.append(item)
-    try:
-        cfg = load_config(args.config, overrides)
-        check_paths(cfg, need_val=True)
-        resolve_backend(cfg, report=True)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, overrides)
+    check_paths(cfg, need_val=True)
+    resolve_backend(cfg, report=True)
     ctx = wdist.init_distributed()
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model)
-    if checkpoint:
-        model.load_state_dict(load_checkpoint(checkpoint)["model"])
-    model.to(ctx.device, memory_format=torch.channels_last if cfg.model.channels_last else torch.contiguous_format)
-    result = evaluate_knn(model.net, cfg, ctx.device)
+    encoder = build_encoder(cfg.model.arch, cfg.model.stem, cfg.model.widths)
+    if checkpoint:  # a wcl-fast checkpoint, an exported or torchvision ResNet state dict, a reference-code file
+        load_encoder_checkpoint(encoder, checkpoint, to_dict(cfg)["model"])
+    encoder.to(ctx.device, memory_format=torch.channels_last if cfg.model.channels_last else torch.contiguous_format)
+    result = evaluate_knn(encoder, cfg, ctx.device)
     if ctx.is_main:
         print(f"kNN (k={cfg.knn.k}, T={cfg.knn.temperature}) on {result['count']} images: "
               f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%")
-    wdist.cleanup()
     return 0
 
 

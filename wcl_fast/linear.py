@@ -24,7 +24,8 @@ from torch.utils.data import Dataset
 
 from wcl_fast import dist as wdist
 from pipelines import resolve_backend
-from wcl_fast.config import Config, ConfigError, check_paths, load_config
+from wcl_fast.cli import command
+from wcl_fast.config import Config, check_out_dir, check_paths, load_config
 from wcl_fast.knn import extract_features, gather_variable
 
 
@@ -52,14 +53,14 @@ class LinearTrainDataset(Dataset):
 
 def load_encoder(cfg: Config, device: torch.device, checkpoint: str | None = None) -> torch.nn.Module:
     """Encoder of `checkpoint` (default linear.checkpoint; "" = untrained), frozen, in eval mode."""
-    from wcl_fast.checkpoint import load_checkpoint
-    from wcl_fast.export import encoder_state_dict
+    from wcl_fast.checkpoint import load_encoder_checkpoint
+    from wcl_fast.config import to_dict
     from wcl_fast.model import build_encoder
 
     encoder = build_encoder(cfg.model.arch, cfg.model.stem, cfg.model.widths)
     checkpoint = cfg.linear.checkpoint if checkpoint is None else checkpoint
-    if checkpoint:
-        encoder.load_state_dict(encoder_state_dict(load_checkpoint(checkpoint)["model"]))
+    if checkpoint:  # a wcl-fast checkpoint, an exported or torchvision ResNet state dict, a reference-code file
+        load_encoder_checkpoint(encoder, checkpoint, to_dict(cfg)["model"])
     for param in encoder.parameters():
         param.requires_grad_(False)
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
@@ -165,23 +166,18 @@ def train_linear(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
             "best_top5": history[best][1], "val_count": n_val, "wall_s": time.perf_counter() - start}
 
 
+@command
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wcl_fast.linear", description="Linear evaluation of a WCL encoder")
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. linear.checkpoint=runs/X/checkpoint.pt")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        check_paths(cfg, need_val=True)
-        resolve_backend(cfg, report=True)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
+    check_paths(cfg, need_val=True)
+    check_out_dir(cfg.linear.out_dir, "linear.out_dir")
+    resolve_backend(cfg, report=True)
     ctx = wdist.init_distributed()
-    try:
-        result = train_linear(cfg, ctx)
-    finally:
-        wdist.cleanup()
+    result = train_linear(cfg, ctx)
     if ctx.is_main:
         print(f"linear probe ({result['val_count']} validation images): final epoch top-1 {result['top1']:.2f}% "
               f"top-5 {result['top5']:.2f}%; best epoch {result['best_epoch']} top-1 {result['best_top1']:.2f}% "

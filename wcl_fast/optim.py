@@ -93,6 +93,9 @@ class LARS(torch.optim.Optimizer):
         # decided on the device (no host sync); `last_step_ok` holds that decision as a bool tensor.
         self.skip_nonfinite = skip_nonfinite
         self.last_step_ok: torch.Tensor | None = None
+        # optional device bool set by the caller before step(): False skips the step as non-finite
+        # gradients do (the objective's check that the forward pass left finite BatchNorm statistics)
+        self.precondition: torch.Tensor | None = None
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -105,6 +108,8 @@ class LARS(torch.optim.Optimizer):
             all_grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
             if all_grads:
                 ok = torch.isfinite(torch.stack(torch._foreach_norm(all_grads))).all()
+                if self.precondition is not None:
+                    ok = ok & self.precondition
                 zero_nonfinite_(all_grads)  # a skipped step then multiplies zeros, not NaN, by 0
             self.last_step_ok = ok
         for group in self.param_groups:
@@ -154,6 +159,8 @@ class ApexLARS(LARS):
         all_grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         if self.skip_nonfinite and all_grads:
             ok = torch.isfinite(torch.stack(torch._foreach_norm(all_grads))).all()
+            if self.precondition is not None:
+                ok = ok & self.precondition
             self.last_step_ok = ok
             if not bool(ok):  # sync point (apex path only)
                 return loss

@@ -19,8 +19,9 @@ import torch
 from tqdm import tqdm
 
 from wcl_fast import dist as wdist
-from wcl_fast.checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
-from wcl_fast.config import Config, ConfigError, check_paths, load_config, to_dict, to_yaml
+from wcl_fast.checkpoint import (CheckpointError, CheckpointWriteError, RunLock, atomic_save, describe_model,
+                                 load_checkpoint, load_weights, remove_stale_temporaries, rng_state, set_rng_state)
+from wcl_fast.config import Config, ConfigError, check_out_dir, check_paths, load_config, to_dict, to_yaml
 from wcl_fast.log import RunLogger, format_duration, interval_line, use_progress_bar
 from wcl_fast.model import build_model
 from wcl_fast.objectives import runner as objectives
@@ -28,6 +29,13 @@ from wcl_fast.objectives.runner import KNN_LABEL_BLOCKS, compute_loss  # noqa: F
 from wcl_fast.optim import base_learning_rate, build_optimizer, learning_rate
 
 CHECKPOINT_NAME = "checkpoint.pt"
+# keys a resumed run must share with its checkpoint: they change the model's tensors, the optimisation
+# problem or the objective's state; a change would resume silently into another experiment
+RESUME_KEYS = ("data.batch_size", "model.arch", "model.stem", "model.widths", "model.head_hidden", "model.head_out",
+               "loss.objective", "loss.co2.form", "loss.clinfonce.form", "loss.momentum.queue_size")
+# exit codes of main(): 0 finished or stopped by a signal with a checkpoint (resume=auto continues),
+# 2 user error (config, paths, checkpoint), 3 non-finite training stopped, 4 a checkpoint write failed
+EXIT_USER, EXIT_NONFINITE, EXIT_WRITE = 2, 3, 4
 
 
 class NonFiniteError(RuntimeError):
@@ -35,11 +43,27 @@ class NonFiniteError(RuntimeError):
 
 
 class StopRequest:
-    """Set by SIGINT / SIGTERM; the loop checkpoints and exits at the next step boundary it checks."""
+    """SIGINT / SIGTERM: checkpoint at the next step boundary, then exit 0.
 
-    def __init__(self):
+    Clusters signal the whole process group (SLURM, timeout, container runtimes) and torchrun's agent
+    forwards the signal it got to its workers, so one stop often arrives two or three times within a
+    moment: every signal within `REPEAT_WINDOW_S` of the first is the same request. A signal after
+    that aborts at once (KeyboardInterrupt), for a user who really wants out.
+
+    `poll()` is called by every rank after every step and answers the same on all ranks at the same
+    step: each rank's flag goes into an asynchronous all-reduce on a CPU (gloo) group, read one step
+    later, so no rank waits on it and the answer is one step late at most."""
+
+    REPEAT_WINDOW_S = 5.0
+
+    def __init__(self, distributed: bool = False):
         self.requested = False
+        self.first_signal: float | None = None
+        self.signal_name = ""
         self._previous = {}
+        self._group = torch.distributed.new_group(backend="gloo") if distributed else None
+        self._flag = torch.zeros(1)
+        self._work = None
 
     def install(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -49,13 +73,76 @@ class StopRequest:
                 pass
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:  # second signal: give up immediately
-            raise KeyboardInterrupt
-        self.requested = True
+        now = time.monotonic()
+        if self.requested and now - self.first_signal > self.REPEAT_WINDOW_S:
+            raise KeyboardInterrupt  # a later, deliberate second signal: give up immediately
+        if not self.requested:
+            self.requested, self.first_signal = True, now
+            self.signal_name = signal.Signals(signum).name
 
-    def restore(self) -> None:
+    def poll(self) -> bool:
+        if self._group is None:
+            return self.requested
+        agreed = False
+        if self._work is not None:
+            self._work.wait()
+            agreed = bool(self._flag.item() > 0)
+        self._flag = torch.tensor([1.0 if self.requested else 0.0])
+        self._work = torch.distributed.all_reduce(self._flag, group=self._group, async_op=True)
+        return agreed
+
+    def restore(self, wait: bool = True) -> None:
+        if self._work is not None and wait:  # every rank left the loop at the same step: one reduction in flight each
+            self._work.wait()
+        self._work = None
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def _nested(values: dict, key: str):
+    for part in key.split("."):
+        if not isinstance(values, dict) or part not in values:
+            return None
+        values = values[part]
+    return values
+
+
+def check_resumable(state: dict, cfg: Config, path: Path) -> None:
+    """One CheckpointError if `state` is not a wcl-fast training checkpoint or was written with other
+    values of RESUME_KEYS (all differences named)."""
+    missing = [key for key in ("model", "optimizer", "config", "global_step") if key not in state]
+    if missing:
+        raise CheckpointError(f"train.resume: '{path}' is not a wcl-fast training checkpoint (no {', '.join(missing)}); "
+                              f"set train.resume=none to start a new run")
+    ours = to_dict(cfg)
+    differ = [f"{key}={_nested(state['config'], key)!r} there, {_nested(ours, key)!r} here" for key in RESUME_KEYS
+              if _nested(state["config"], key) is not None and _nested(state["config"], key) != _nested(ours, key)]
+    if differ:
+        raise CheckpointError(f"train.resume: checkpoint '{path}' was written with other settings ({'; '.join(differ)}); "
+                              f"resume with the checkpoint's values or use a new train.out_dir")
+
+
+def nonfinite_entries(tree, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in a nested dict / list that hold NaN or inf (one host sync)."""
+    names, tensors = [], []
+
+    def walk(node, name):
+        if torch.is_tensor(node):
+            if node.is_floating_point() or node.is_complex():
+                names.append(name)
+                tensors.append(torch.isfinite(node).all())
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{name}.{key}" if name else str(key))
+        elif isinstance(node, (list, tuple)):
+            for i, value in enumerate(node):
+                walk(value, f"{name}[{i}]")
+
+    walk(tree, prefix)
+    if not tensors:
+        return []
+    finite = torch.stack(tensors).tolist()  # sync point (checkpoints only)
+    return [name for name, ok in zip(names, finite) if not ok]
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:
@@ -91,6 +178,18 @@ def check_similarity_backend(cfg: Config, device: torch.device) -> None:
 def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
     """Run (or resume) a training job; returns a summary dict (final losses, throughput, kNN)."""
     ctx = ctx or wdist.init_distributed()
+    lock = None
+    if ctx.is_main:  # one live run per folder; the lock dies with this process
+        check_out_dir(cfg.train.out_dir, "train.out_dir")
+        lock = RunLock(cfg.train.out_dir).acquire()
+    try:
+        return _train(cfg, ctx)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: Config, ctx: wdist.DistContext) -> dict:
     device, main = ctx.device, ctx.is_main
     out_dir = Path(cfg.train.out_dir)
     resume_path = resolve_resume(cfg)
@@ -101,6 +200,9 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
     choice = resolve_backend(cfg)  # data.backend=auto -> the concrete loader, in cfg from here on
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        removed, size = remove_stale_temporaries(out_dir, (CHECKPOINT_NAME,))
+        if removed:
+            logger.info(f"removed {removed} temporary file(s) of interrupted checkpoint writes ({size / 2**20:.1f} MB)")
         (out_dir / "config.yaml").write_text(f"# {choice.describe()}\n{to_yaml(cfg)}")
         logger.info(f"wcl-fast: world size {ctx.world_size}, device {device}, precision {cfg.train.precision}\n"
                     f"--- resolved config (saved to {out_dir / 'config.yaml'}) ---\n{to_yaml(cfg)}---\n"
@@ -128,17 +230,17 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
     dtype = autocast_dtype(cfg.train.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
     start_epoch, start_step, global_step = 0, 0, 0
+    last_good = None  # (path, epoch, step in epoch, global step) of the newest checkpoint known to be finite
     if resume_path is not None:
         state = load_checkpoint(resume_path)
-        if state.get("config", {}).get("loss", {}).get("objective", "wcl") != cfg.loss.objective:
-            raise ConfigError(f"train.resume: checkpoint '{resume_path}' was written by loss.objective="
-                              f"{state['config']['loss']['objective']}, this run uses {cfg.loss.objective}; "
-                              f"resume with the same objective or use a new train.out_dir")
-        model.load_state_dict(state["model"])
+        check_resumable(state, cfg, resume_path)
+        load_weights(model, state["model"], resume_path, describe_model(to_dict(cfg)["model"]),
+                     describe_model(state["config"].get("model", {})))
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         start_epoch, start_step, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        last_good = (resume_path, start_epoch, start_step, global_step)
         if state.get("steps_per_epoch") not in (None, steps_per_epoch):
             raise ConfigError(f"train.resume: checkpoint '{resume_path}' has {state['steps_per_epoch']} steps per "
                               f"epoch, this run {steps_per_epoch}; resume with the same data and batch size")
@@ -164,7 +266,7 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
     autocast = objectives.autocast_factory(device, dtype)
 
     crash_at = crash_point()
-    stop = StopRequest()
+    stop = StopRequest(ctx.distributed)
     stop.install()
     accum = torch.zeros(len(names) + 1, device=device)  # sums of the terms, finite steps since last log (device side)
     bad_steps = torch.zeros(2, device=device)  # skipped non-finite steps: total, current run in a row
@@ -173,14 +275,37 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
     summary: dict = {"steps_per_epoch": steps_per_epoch}
     samples_per_step = cfg.data.batch_size
 
+    def last_good_text() -> str:
+        if last_good is None:
+            return "no checkpoint of this run was written before that"
+        path, epoch, step, g = last_good
+        return f"the last good checkpoint is '{path}' (epoch {epoch}, step {step}, global step {g})"
+
     def save(epoch: int, step_in_epoch: int) -> None:
-        if main:
-            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
-                         "global_step": global_step, "steps_per_epoch": steps_per_epoch, "rng": rng_state(),
-                         "objective": objective.state_dict(),
-                         "config": to_dict(cfg), "world_size": ctx.world_size}, out_dir / CHECKPOINT_NAME)
-        wdist.barrier()
+        """Write the checkpoint on rank 0, never from a state holding NaN/inf; every rank learns the outcome."""
+        nonlocal last_good
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "objective": objective.state_dict()}
+        bad = nonfinite_entries(state)
+        failed = torch.tensor([float(bool(bad)), 0.0])
+        error = None
+        if main and not bad:
+            state.update(epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step,
+                         steps_per_epoch=steps_per_epoch, rng=rng_state(), config=to_dict(cfg),
+                         world_size=ctx.world_size)
+            try:
+                atomic_save(state, out_dir / CHECKPOINT_NAME)
+            except CheckpointWriteError as exc:
+                error, failed[1] = exc, 1.0
+        failed = wdist.all_reduce_mean(failed.to(device)).tolist()  # also the barrier after the write
+        if failed[0] > 0:
+            where = f"{len(bad)} tensors, first '{bad[0]}'" if bad else "on another rank"
+            raise NonFiniteError(f"the training state holds NaN/inf values at global step {global_step} ({where}); "
+                                 f"no checkpoint was written from it and {last_good_text()}. Lower optim.base_lr, "
+                                 f"try train.precision=fp32, or check the data; resume=auto continues from there")
+        if failed[1] > 0:
+            raise error if error is not None else CheckpointWriteError("rank 0 could not write the checkpoint")
+        last_good = (out_dir / CHECKPOINT_NAME, epoch, step_in_epoch, global_step)
 
     if start_step >= steps_per_epoch:
         start_epoch, start_step = start_epoch + 1, 0
@@ -226,12 +351,12 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
                 bar.update(1)
                 if crash_at is not None and crash_at == (ctx.rank, global_step):
                     os._exit(17)  # fault-injection hook of the elastic-restart test (see crash_point)
-                at_stop = cfg.train.stop_at_step > 0 and global_step >= cfg.train.stop_at_step
+                signalled = stop.poll()  # the same answer on every rank at this step
+                at_stop = signalled or (cfg.train.stop_at_step > 0 and global_step >= cfg.train.stop_at_step)
                 if global_step % cfg.train.log_interval == 0 or step_in_epoch == steps_per_epoch or at_stop:
-                    values = wdist.all_reduce_mean(torch.cat([accum, torch.tensor([float(stop.requested)], device=device)]))
-                    values = values.tolist()  # sync point
+                    values = wdist.all_reduce_mean(accum).tolist()  # sync point
                     skipped_total, skipped_in_row = bad_steps.tolist()  # sync point (identical on all ranks: DDP grads)
-                    count, stop_flag = values[len(names)], values[len(names) + 1]
+                    count = values[len(names)]
                     if count == 0:  # every step of the interval was non-finite
                         values[:len(names)], count = [float("nan")] * len(names), 1.0
                     now = time.perf_counter()
@@ -262,15 +387,14 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
                     summary.update(record)
                     accum.zero_()
                     last_log_time, data_wait, last_log_step = now, 0.0, global_step
-                    if stop_flag > 0:
-                        logger.info("stop requested: writing a checkpoint and exiting")
-                        stopped = True
+                    if signalled:
+                        logger.info(f"stop requested ({stop.signal_name or 'signal on another rank'}): writing a "
+                                    f"checkpoint at global step {global_step} and exiting; train.resume=auto continues")
                     if guard and skipped_in_row >= cfg.train.max_bad_steps:
                         raise NonFiniteError(
-                            f"{skipped_in_row:.0f} steps in a row had non-finite gradients (step {global_step}, "
-                            f"{skipped_total:.0f} skipped in all); parameters were not updated by them and the last "
-                            f"checkpoint {out_dir / CHECKPOINT_NAME} is untouched. Lower optim.base_lr, try "
-                            f"train.precision=fp32, or check the data")
+                            f"{skipped_in_row:.0f} steps in a row had non-finite gradients or BatchNorm statistics (step {global_step}, "
+                            f"{skipped_total:.0f} skipped in all); they changed no saved state, and "
+                            f"{last_good_text()}. Lower optim.base_lr, try train.precision=fp32, or check the data")
                 if at_stop:
                     stopped = True
                 if stopped:
@@ -290,8 +414,10 @@ def train(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
                             f"{summary.get('samples_per_s', 0):.1f} samples/s, checkpoint {out_dir / CHECKPOINT_NAME}")
             if cfg.knn.every_epochs > 0 and (epoch + 1) % cfg.knn.every_epochs == 0 and epoch + 1 < cfg.train.epochs:
                 run_knn(cfg, model, device, logger, global_step, summary)
-    finally:
-        stop.restore()
+    except BaseException:
+        stop.restore(wait=False)  # other ranks may not reach the reduction in flight
+        raise
+    stop.restore()
     wall = time.perf_counter() - wall_start
     summary.update(global_step=global_step, wall_s=wall, failed_images=failed_images,
                    mean_samples_per_s=(global_step - first_step) * samples_per_step / max(wall, 1e-9))
@@ -346,18 +472,23 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         check_paths(cfg)
         resolve_resume(cfg)
+        if wdist.env_rank() == 0:
+            check_out_dir(cfg.train.out_dir, "train.out_dir")
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USER
     ctx = wdist.init_distributed()
     try:
         train(cfg, ctx)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USER
     except NonFiniteError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 3
+        return EXIT_NONFINITE
+    except CheckpointWriteError as exc:
+        print(f"error: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_WRITE
     finally:
         wdist.cleanup()
     return 0

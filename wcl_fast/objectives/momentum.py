@@ -14,26 +14,33 @@ class KeyQueue:
     def __init__(self, size: int, dim: int, device: torch.device, seed: int = 0):
         generator = torch.Generator().manual_seed(seed)
         self.keys = F.normalize(torch.randn(size, dim, generator=generator), dim=1).to(device)
-        self.ptr = 0  # host integer: advancing it never synchronises with the device
+        # write position as a device tensor: advancing it (by 0 on a skipped step) never synchronises
+        self.ptr = torch.zeros((), dtype=torch.int64, device=self.keys.device)
 
     @torch.no_grad()
-    def push(self, keys: torch.Tensor) -> None:
+    def push(self, keys: torch.Tensor, ok: torch.Tensor | None = None) -> None:
+        """Enqueue `keys` [n, D]; `ok` (device bool, optional): False leaves the queue exactly as it was
+        (the trainer's skipped non-finite step)."""
         size, count = self.keys.shape[0], keys.shape[0]
         if count >= size:
             keys, count = keys[-size:], size
         index = (torch.arange(count, device=self.keys.device) + self.ptr) % size
-        self.keys[index] = keys.detach().float()
-        self.ptr = (self.ptr + count) % size
+        keys = keys.detach().float()
+        if ok is not None:
+            keys = torch.where(ok, keys, self.keys[index])
+        self.keys[index] = keys
+        step = count if ok is None else ok.to(torch.int64) * count
+        self.ptr = (self.ptr + step) % size
 
     def state_dict(self) -> dict:
-        return {"keys": self.keys, "ptr": self.ptr}
+        return {"keys": self.keys, "ptr": int(self.ptr)}  # sync point (checkpoints only)
 
     def load_state_dict(self, state: dict) -> None:
         if state["keys"].shape != self.keys.shape:
             raise ValueError(f"checkpoint queue has shape {tuple(state['keys'].shape)}, this run {tuple(self.keys.shape)}; "
                              f"resume with the same loss.momentum.queue_size and model.head_out")
         self.keys.copy_(state["keys"])
-        self.ptr = int(state["ptr"])
+        self.ptr = torch.tensor(int(state["ptr"]), dtype=torch.int64, device=self.keys.device)
 
 
 class EMAEncoder:
@@ -61,10 +68,12 @@ class EMAEncoder:
         return self._pairs
 
     @torch.no_grad()
-    def update(self, online: torch.nn.Module) -> None:
+    def update(self, online: torch.nn.Module, ok: torch.Tensor | None = None) -> None:
+        """key <- lerp(key, online, 1 - ema); `ok` (device bool, optional): False leaves the keys as they were."""
         keys, names = self._params(online)
         source = dict(online.named_parameters())
-        torch._foreach_lerp_(keys, [source[n].detach() for n in names], 1.0 - self.ema)
+        weight = 1.0 - self.ema if ok is None else ok.to(keys[0].dtype) * (1.0 - self.ema)
+        torch._foreach_lerp_(keys, [source[n].detach() for n in names], weight)
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:

@@ -58,6 +58,31 @@ def two_heads(cfg: Config) -> bool:
     return cfg.loss.objective == "wcl" or (cfg.loss.objective == "clinfonce" and cfg.loss.clinfonce.form == "dual")
 
 
+class BufferGuard:
+    """Snapshot of a list of tensors (one concatenation per dtype) that `restore_unless(ok)` puts back
+    when the device flag `ok` is False -- without a host sync (torch.where + one fused copy)."""
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        self.groups = {}
+        for t in tensors:
+            self.groups.setdefault((t.dtype, t.device), []).append(t)
+        self.saved = {key: torch.cat([t.reshape(-1) for t in group]) for key, group in self.groups.items()}
+
+    @torch.no_grad()
+    def all_finite(self) -> torch.Tensor | None:
+        """Device bool: every floating-point tensor of the list is finite now (None for an empty list)."""
+        flags = [torch.isfinite(torch.cat([t.reshape(-1) for t in group])).all()
+                 for (dtype, _), group in self.groups.items() if dtype.is_floating_point]
+        return torch.stack(flags).all() if flags else None
+
+    @torch.no_grad()
+    def restore_unless(self, ok: torch.Tensor) -> None:
+        for key, group in self.groups.items():
+            now = torch.cat([t.reshape(-1) for t in group])
+            chosen = torch.where(ok, now, self.saved[key]).split([t.numel() for t in group])
+            torch._foreach_copy_(group, [c.view(t.shape) for c, t in zip(chosen, group)])
+
+
 class Objective:
     term_names: tuple[str, ...] = ("loss",)
 
@@ -71,14 +96,30 @@ class Objective:
     def losses(self, ddp, batch, step: int, total_steps: int, autocast) -> dict:
         raise NotImplementedError
 
-    def after_step(self) -> None:
-        pass
+    def after_step(self, ok: torch.Tensor | None = None) -> None:
+        """State updates after the optimizer step; `ok` False (device bool): the step was skipped, leave
+        the state as it was."""
+
+    def guarded_buffers(self) -> list[torch.Tensor]:
+        """Tensors a forward pass changes outside the optimizer: BatchNorm running statistics."""
+        return list(self.model.buffers())
 
     def train_step(self, ddp, batch, step: int, total_steps: int, autocast, optimizer, scaler=None) -> dict:
         """One optimisation step -- losses, backward, optimizer (through the fp16 GradScaler when given),
-        after_step -- shared by the trainer, the step bench and the CUDA no-host-sync test. Returns the terms."""
+        after_step -- shared by the trainer, the step bench and the CUDA no-host-sync test. Returns the terms.
+
+        With the optimizer's NaN guard (skip_nonfinite) a skipped step leaves no trace: parameters and
+        momentum stay (LARS), the buffers the forward pass updated are put back (BufferGuard), and the
+        EMA keys and the queue are not advanced. A step the fp16 GradScaler skips for inf gradients
+        counts as skipped too (optimizer.last_step_ok False), and so does a step whose forward pass left
+        non-finite BatchNorm statistics (optimizer.precondition)."""
+        guard = getattr(optimizer, "skip_nonfinite", False)
+        buffers = BufferGuard(self.guarded_buffers()) if guard else None
         terms = self.losses(ddp, batch, step, total_steps, autocast)
         optimizer.zero_grad(set_to_none=True)
+        if guard:
+            optimizer.last_step_ok = None
+            optimizer.precondition = buffers.all_finite()  # e.g. a running_var that overflowed with finite grads
         if scaler is not None:
             scaler.scale(terms["loss"]).backward()
             scaler.step(optimizer)
@@ -86,7 +127,13 @@ class Objective:
         else:
             terms["loss"].backward()
             optimizer.step()
-        self.after_step()
+        ok = None
+        if guard:
+            if optimizer.last_step_ok is None:  # the GradScaler skipped optimizer.step (inf gradients)
+                optimizer.last_step_ok = torch.zeros((), dtype=torch.bool, device=terms["loss"].device)
+            ok = optimizer.last_step_ok
+            buffers.restore_unless(ok)
+        self.after_step(ok)
         return terms
 
     def state_dict(self) -> dict:
@@ -218,10 +265,13 @@ class MomentumObjective(Objective):
         """(query, positive key) pairs: view 1 -> key of view 2 (and view 2 -> key of view 1 when symmetric)."""
         return [(z1, k2), (z2, k1)] if self.cfg.loss.momentum.symmetric else [(z1, k2)]
 
-    def after_step(self):
-        self.keys.update(self.model)
+    def guarded_buffers(self):
+        return super().guarded_buffers() + list(self.keys.model.buffers())  # the key encoder's BN runs in train mode
+
+    def after_step(self, ok=None):
+        self.keys.update(self.model, ok)
         if self._pending is not None:
-            self.queue.push(self._pending)
+            self.queue.push(self._pending, ok)
             self._pending = None
 
     def state_dict(self):
@@ -244,9 +294,12 @@ class CO2Objective(MomentumObjective):
         else:  # batch form: no key encoder, no queue
             Objective.__init__(self, cfg, model, ctx, num_samples)
 
-    def after_step(self):
+    def guarded_buffers(self):
+        return super().guarded_buffers() if self.cfg.loss.co2.form == "queue" else Objective.guarded_buffers(self)
+
+    def after_step(self, ok=None):
         if self.cfg.loss.co2.form == "queue":
-            super().after_step()
+            super().after_step(ok)
 
     def state_dict(self):
         return super().state_dict() if self.cfg.loss.co2.form == "queue" else {}
