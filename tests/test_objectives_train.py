@@ -87,7 +87,7 @@ def test_objective_state_resumes_exactly(tmp_path, name):
 
 def test_resume_with_another_objective_is_refused(tmp_path):
     train(_cfg(tmp_path, "train.epochs=1", "train.stop_at_step=1"))
-    with pytest.raises(ConfigError, match="loss.objective=wcl"):
+    with pytest.raises(ConfigError, match="loss.objective='wcl' there, 'simclr' here"):
         train(_cfg(tmp_path, "train.epochs=1", "train.resume=auto", "loss.objective=simclr"))
 
 
