@@ -68,11 +68,6 @@ def _attempt_store(rank: int, world: int):
     return dist.PrefixStore(prefix, store)
 
 
-def env_rank() -> int:
-    """This process's rank as torchrun sets it (0 without torchrun), before the process group exists."""
-    return int(os.environ.get("RANK", "0"))
-
-
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from wcl_fast import dist as wdist
+from wcl_fast.cli import EXIT_USER
 from wcl_fast.checkpoint import (CheckpointError, CheckpointWriteError, RunLock, atomic_save, describe_model,
                                  load_checkpoint, load_weights, remove_stale_temporaries, rng_state, set_rng_state)
 from wcl_fast.config import Config, ConfigError, check_out_dir, check_paths, load_config, to_dict, to_yaml
@@ -35,7 +36,7 @@ RESUME_KEYS = ("data.batch_size", "model.arch", "model.stem", "model.widths", "m
                "loss.objective", "loss.co2.form", "loss.clinfonce.form", "loss.momentum.queue_size")
 # exit codes of main(): 0 finished or stopped by a signal with a checkpoint (resume=auto continues),
 # 2 user error (config, paths, checkpoint), 3 non-finite training stopped, 4 a checkpoint write failed
-EXIT_USER, EXIT_NONFINITE, EXIT_WRITE = 2, 3, 4
+EXIT_NONFINITE, EXIT_WRITE = 3, 4
 
 
 class NonFiniteError(RuntimeError):
@@ -472,8 +473,6 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         check_paths(cfg)
         resolve_resume(cfg)
-        if wdist.env_rank() == 0:
-            check_out_dir(cfg.train.out_dir, "train.out_dir")
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER
