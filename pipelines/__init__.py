@@ -153,7 +153,8 @@ def build_eval_loader(data_cfg, directory: str, key: str, batch_size: int, rank:
         from pipelines.ffcv import FFCVEvalLoader
 
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        loader = FFCVEvalLoader(data_cfg, beton, batch_size, rank, world, device)
+        beton_key = "data.val_beton" if key == "data.val_dir" else "data.beton"
+        loader = FFCVEvalLoader(data_cfg, beton, batch_size, rank, world, device, beton_key)
         return loader, loader.count, len(loader.classes)
     from pipelines.reference import build_eval_loader as reference_eval_loader
 

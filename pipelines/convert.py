@@ -65,25 +65,150 @@ def _check(path: str) -> str | None:
         return f"{type(exc).__name__}: {exc}"
 
 
-class _Records:
-    """Indexed dataset for FFCV's writer: record i -> (RGB uint8 HWC, class id, i)."""
+_SLOT = None  # in a writer worker: its position in _WatchedWriter's table of current records
 
-    def __init__(self, samples: list[tuple[str, int]]):
-        self.samples = samples
+
+def fit_resolution(image: np.ndarray, max_resolution: int | None) -> np.ndarray:
+    """The longest side capped at max_resolution as FFCV's writer caps it (OpenCV area filter, sides
+    truncated), except that no side drops below 1 px: FFCV would give a 2 x 10000 image capped at 512 a
+    0-px side, and OpenCV then fails inside the writer. Images within the cap are returned unchanged,
+    so FFCV does not resize again."""
+    height, width = image.shape[:2]
+    if not max_resolution or max(height, width) <= max_resolution:
+        return image
+    import cv2
+
+    ratio = max_resolution / max(height, width)
+    size = (max(1, int(ratio * width)), max(1, int(ratio * height)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
+class _Records:
+    """Indexed dataset for FFCV's writer: record i -> (RGB uint8 HWC, class id, i). In a watched writer
+    worker it first notes i as the record this worker is on."""
+
+    def __init__(self, samples: list[tuple[str, int]], max_resolution: int | None, current=None):
+        self.samples, self.max_resolution, self.current = samples, max_resolution, current
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
+        if self.current is not None and _SLOT is not None:
+            self.current[_SLOT] = i
         path, label = self.samples[i]
-        return np.asarray(load_rgb(path)), label, i
+        return fit_resolution(np.asarray(load_rgb(path)), self.max_resolution), label, i
+
+
+class WriterFailed(ConfigError):
+    """A writer worker died; names the record (source file) it was on."""
+
+
+class _WatchedWriter:
+    """FFCV's DatasetWriter with its worker processes watched. FFCV's parent waits until its workers have
+    written every record and never looks at them, so a worker that dies (an exception, a signal, the OOM
+    killer) leaves it waiting forever. Here every worker process FFCV starts is recorded, notes the record
+    it is on, and reports an exception as one line instead of a traceback; a thread polls the workers'
+    exit codes and, at the first failure, interrupts the main thread's wait (SIGUSR1 to it), stops the
+    other workers and raises WriterFailed naming the file."""
+
+    def __init__(self, workers: int):
+        import multiprocessing
+
+        self.workers = workers
+        self.current = multiprocessing.RawArray("q", [-1] * workers)  # record each worker is on
+        self.errors = multiprocessing.SimpleQueue()  # (slot, "Type: message") from failing workers
+        self.processes = []
+        self.failure = None
+
+    def _process_class(self, base):
+        watch = self
+
+        class Watched(base):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.slot = len(watch.processes)
+                watch.processes.append(self)
+
+            def run(self):
+                global _SLOT
+                _SLOT = self.slot
+                try:
+                    super().run()
+                except BaseException as exc:  # one line to the parent, no traceback; the exit code says failed
+                    watch.errors.put((self.slot, f"{type(exc).__name__}: {exc}"))
+                    os._exit(1)
+
+        return Watched
+
+    def _watch(self, done, main_thread: int):
+        import signal
+
+        while not done.wait(0.2):
+            for proc in list(self.processes):
+                code = proc.exitcode
+                if code not in (None, 0):
+                    self.failure = (proc, code)
+                    signal.pthread_kill(main_thread, signal.SIGUSR1)
+                    return
+
+    def write(self, path: str, fields: dict, records: _Records, samples: list[tuple[str, int]]) -> None:
+        import signal
+        import threading
+
+        import ffcv.writer as ffcv_writer
+
+        class _Interrupted(Exception):
+            pass
+
+        def interrupt(signum, frame):
+            raise _Interrupted
+
+        original = ffcv_writer.Process
+        ffcv_writer.Process = self._process_class(original)
+        previous = signal.signal(signal.SIGUSR1, interrupt)
+        done = threading.Event()
+        watcher = threading.Thread(target=self._watch, args=(done, threading.get_ident()), daemon=True)
+        writer = ffcv_writer.DatasetWriter(path, fields, num_workers=self.workers)
+        finished = False
+        try:
+            watcher.start()
+            writer.from_indexed_dataset(records, chunksize=64)  # tqdm bar: images/s and ETA
+            finished = True
+        except _Interrupted:
+            raise self._describe(samples) from None
+        finally:
+            done.set()
+            watcher.join()
+            signal.signal(signal.SIGUSR1, previous)
+            ffcv_writer.Process = original
+            for proc in self.processes:
+                if proc.is_alive():
+                    proc.terminate()
+                proc.join()
+            shared = getattr(writer, "metadata_sm", None)
+            if not finished and hasattr(shared, "unlink"):  # FFCV releases its shared block only on success
+                shared.close()
+                shared.unlink()
+
+    def _describe(self, samples) -> WriterFailed:
+        proc, code = self.failure
+        reason = None
+        while not self.errors.empty():
+            slot, text = self.errors.get()
+            if slot == proc.slot:
+                reason = text
+        record = self.current[proc.slot]
+        what = (f"record {record}, '{samples[record][0]}'" if 0 <= record < len(samples) else "before its first record")
+        how = reason or (f"killed by signal {-code}" if code < 0 else f"exit code {code}")
+        return WriterFailed(f"FFCV's writer failed on {what}: {how}; nothing was written. Remove or re-save that "
+                            f"file and run the conversion again")
 
 
 def convert(src: str, out: str, max_resolution: int | None = 512, jpeg_quality: int = 90, write_mode: str = "jpg",
             workers: int = 1, force: bool = False, quiet: bool = False) -> dict:
     try:
         from ffcv.fields import IntField, RGBImageField
-        from ffcv.writer import DatasetWriter
     except ImportError:
         raise ConfigError("FFCV is not installed: 'make install' installs it with its system libraries "
                           "(pkg-config libturbojpeg0-dev libopencv-dev), or pip install ffcv==1.0.2 after those") from None
@@ -112,9 +237,9 @@ def convert(src: str, out: str, max_resolution: int | None = 512, jpeg_quality: 
                                      max_resolution=max_resolution, jpeg_quality=jpeg_quality),
               "label": IntField(), "index": IntField()}
     write_start = time.perf_counter()
+    watched = _WatchedWriter(max(1, workers))
     try:
-        writer = DatasetWriter(str(tmp), fields, num_workers=max(1, workers))
-        writer.from_indexed_dataset(_Records(good), chunksize=64)  # tqdm bar: images/s and ETA
+        watched.write(str(tmp), fields, _Records(good, max_resolution, watched.current), good)
         os.replace(tmp, out_path)
     finally:
         if tmp.exists():

@@ -20,11 +20,16 @@ rotates H in HSV); bilinear resize with antialiasing and the Gaussian window (2*
 differ from PIL's kernels by rounding; EXIF orientation is ignored by both.
 
 Unreadable files (not an image, truncated JPEG without its end marker) are detected on the host before
-decoding, replaced by the next readable sample, counted in `batch.failed` and named in a warning.
+decoding, replaced by the next readable sample in training (left out in evaluation), counted in
+`batch.failed` and named in a warning. Images over data.max_decode_pixels are downscaled on the host
+before DALI sees them (EncodedReader), which bounds DALI's memory per decoded image.
 """
 from __future__ import annotations
 
 import io
+import math
+import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -48,19 +53,58 @@ def _import_dali():
                           "(or the wheel matching your CUDA); it also runs on the CPU") from None
 
 
+class EncodedReader:
+    """path -> (encoded bytes, width, height) of a file that looks decodable; raises otherwise: the header
+    must parse and a JPEG must end with its EOI marker (a truncated JPEG decodes to garbage or fails in DALI).
+
+    Memory bound: an image of more than `max_pixels` pixels (data.max_decode_pixels) is decoded on the host
+    -- a JPEG with libjpeg's DCT scaling (PIL draft), so at most a quarter of its pixels at once when it is
+    at least twice the cap in each direction -- resized to fit the cap (area filter) and handed to DALI
+    re-encoded as JPEG (quality 95). DALI then decodes at most 3 * max_pixels bytes per image. The width and
+    height returned are the original ones: every crop box is relative to the image, so it selects the same
+    region. Each such image is named once in a warning and counted in `downscaled`."""
+
+    def __init__(self, max_pixels: int = 0):
+        self.max_pixels = max_pixels
+        self.downscaled: dict[str, tuple[int, int]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, path: str) -> tuple[np.ndarray, int, int]:
+        with open(path, "rb") as handle:
+            data = handle.read()
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            kind = img.format
+        if kind == "JPEG" and b"\xff\xd9" not in data[-4096:]:
+            raise ValueError("truncated JPEG (no end-of-image marker)")
+        if width < 1 or height < 1:
+            raise ValueError(f"empty image ({width} x {height})")
+        if self.max_pixels and width * height > self.max_pixels:
+            data = self._downscale(path, data, width, height)
+        return np.frombuffer(data, dtype=np.uint8), width, height
+
+    def _downscale(self, path: str, data: bytes, width: int, height: int) -> bytes:
+        from pipelines.reference import load_rgb
+
+        scale = math.sqrt(self.max_pixels / (width * height))
+        size = (max(1, int(width * scale)), max(1, int(height * scale)))
+        img = load_rgb(io.BytesIO(data), draft=size).resize(size, Image.Resampling.BOX)
+        out = io.BytesIO()
+        img.save(out, format="JPEG", quality=95)
+        with self._lock:
+            first = path not in self.downscaled
+            self.downscaled[path] = size
+            count = len(self.downscaled)
+        if first and count <= 20:
+            print(f"warning: '{path}' has {width * height / 1e6:.1f} M pixels ({width} x {height}), over "
+                  f"data.max_decode_pixels={self.max_pixels}; decoded downscaled to {size[0]} x {size[1]} "
+                  f"(image {count} over the cap)", file=sys.stderr, flush=True)
+        return out.getvalue()
+
+
 def read_encoded(path: str) -> tuple[np.ndarray, int, int]:
-    """(encoded bytes, width, height) of a file that looks decodable; raises otherwise: the header must
-    parse and a JPEG must end with its EOI marker (a truncated JPEG decodes to garbage or fails in DALI)."""
-    with open(path, "rb") as handle:
-        data = handle.read()
-    with Image.open(io.BytesIO(data)) as img:
-        width, height = img.size
-        kind = img.format
-    if kind == "JPEG" and b"\xff\xd9" not in data[-4096:]:
-        raise ValueError("truncated JPEG (no end-of-image marker)")
-    if width < 1 or height < 1:
-        raise ValueError(f"empty image ({width} x {height})")
-    return np.frombuffer(data, dtype=np.uint8), width, height
+    """EncodedReader without a pixel cap."""
+    return EncodedReader()(path)
 
 
 def crop_param_vector(params, width: int, height: int) -> np.ndarray:
@@ -176,7 +220,8 @@ class DaliMultiCropLoader:
         _import_dali()
         self.cfg, self.seed, self.linear = cfg, seed, linear
         self.samples, _ = scan_image_folder(cfg.train_dir, "data.train_dir")
-        self.source = ImageSource(self.samples, decode=read_encoded)
+        self.reader = EncodedReader(cfg.max_decode_pixels)
+        self.source = ImageSource(self.samples, decode=self.reader)
         self.subset = subset
         batch_size = batch_size or cfg.batch_size
         self.sampler = StepSampler(len(subset) if subset is not None else len(self.samples), batch_size, rank, world, seed)
@@ -334,35 +379,39 @@ def build_dali_loader(cfg: DataConfig, seed: int, rank: int, world: int) -> Dali
 
 
 def build_eval_pipeline(batch_size: int, crop: int, mean, std, num_threads: int, device_id: int | None):
-    """Evaluation transform in DALI: Resize(short side) to the per-sample size computed on the host as
-    torchvision does, CenterCrop(crop) at the host-computed anchor, normalisation; HWC float output."""
+    """Evaluation transform in DALI: the region of the image that torchvision's Resize(short side) +
+    CenterCrop(crop) keeps (computed on the host, relative to the image) resized straight to crop x crop,
+    normalised; HWC float output. Resizing only the kept region bounds the work and memory per image
+    by the crop size: resizing the whole image first would make a 2 x 10000 image 256 x 1280000 pixels."""
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0,
                   exec_async=False, exec_pipelined=False, prefetch_queue_depth=1)
     def evaluation():
         jpegs = fn.external_source(name="jpegs", dtype=types.UINT8, ndim=1)
-        geometry = fn.external_source(name="geometry", dtype=types.FLOAT, ndim=1)  # new_h, new_w, pos_y, pos_x
+        roi = fn.external_source(name="geometry", dtype=types.FLOAT, ndim=1)  # y0, x0, y1, x1 (relative)
         images = fn.decoders.image(jpegs, device="mixed" if device_id is not None else "cpu", output_type=types.RGB,
                                    adjust_orientation=False)
-        images = fn.resize(images, size=geometry[0:2], interp_type=types.INTERP_LINEAR, antialias=True, dtype=types.FLOAT)
-        return fn.crop_mirror_normalize(images, crop=(crop, crop), crop_pos_y=geometry[2], crop_pos_x=geometry[3],
-                                        dtype=types.FLOAT, mean=[255.0 * m for m in mean], std=[255.0 * s for s in std],
-                                        output_layout="HWC")
+        images = fn.resize(images, size=[crop, crop], roi_start=roi[0:2], roi_end=roi[2:4], roi_relative=True,
+                           interp_type=types.INTERP_LINEAR, antialias=True, dtype=types.FLOAT)
+        return fn.crop_mirror_normalize(images, dtype=types.FLOAT, mean=[255.0 * m for m in mean],
+                                        std=[255.0 * s for s in std], output_layout="HWC")
 
     return evaluation()
 
 
 def eval_geometry(width: int, height: int, resize: int, crop: int) -> np.ndarray:
-    """torchvision Resize(resize) (short side; long side truncated) + CenterCrop(crop) (anchor rounded)."""
+    """The region torchvision's Resize(resize) (short side; long side truncated) + CenterCrop(crop) (anchor
+    rounded) keeps, relative to the image: (y0, x0, y1, x1). A crop larger than the resized image would be
+    zero-padded by torchvision; here that side is stretched over the whole image instead."""
     if width <= height:
         new_w, new_h = resize, int(resize * height / width)
     else:
         new_h, new_w = resize, int(resize * width / height)
     top, left = int(round((new_h - crop) / 2.0)), int(round((new_w - crop) / 2.0))
-    pos_y = top / (new_h - crop) if new_h > crop else 0.5
-    pos_x = left / (new_w - crop) if new_w > crop else 0.5
-    return np.array([new_h, new_w, pos_y, pos_x], dtype=np.float32)
+    y0, y1 = (top / new_h, (top + crop) / new_h) if new_h >= crop else (0.0, 1.0)
+    x0, x1 = (left / new_w, (left + crop) / new_w) if new_w >= crop else (0.0, 1.0)
+    return np.array([y0, x0, y1, x1], dtype=np.float32)
 
 
 class DaliEvalLoader:
@@ -380,7 +429,8 @@ class DaliEvalLoader:
         self.pipe = build_eval_pipeline(batch_size, cfg.eval_crop, cfg.mean, cfg.std, max(1, cfg.workers), device_id)
         self.pipe.build()
         self.pool = ThreadPoolExecutor(max(1, cfg.workers))
-        self.source = ImageSource(self.samples, decode=read_encoded)
+        self.reader = EncodedReader(cfg.max_decode_pixels)
+        self.source = ImageSource(self.samples, decode=self.reader)
 
     def __len__(self) -> int:
         return (len(self.indices) + self.batch_size - 1) // self.batch_size
@@ -388,15 +438,21 @@ class DaliEvalLoader:
     _read = DaliMultiCropLoader._read
 
     def __iter__(self):
+        """An unreadable image is left out and counted in batch.failed (never replaced by another one)."""
         for start in range(0, len(self.indices), self.batch_size):
             chunk = self.indices[start:start + self.batch_size]
-            reads = list(self.pool.map(self._read, chunk))
+            reads = [r for r, i in zip(self.pool.map(self._read, chunk), chunk) if r[3] == i]
+            failed = len(chunk) - len(reads)
+            if not reads:
+                yield MultiCropBatch(torch.zeros(0, 3, self.cfg.eval_crop, self.cfg.eval_crop), None,
+                                     torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), failed)
+                continue
             self.pipe.feed_input("jpegs", [r[0] for r in reads])
             self.pipe.feed_input("geometry", [eval_geometry(r[1], r[2], self.cfg.eval_resize, self.cfg.eval_crop) for r in reads])
             (out,) = self.pipe.run()
             images = _to_torch(out, self.device_id).permute(0, 3, 1, 2)
             yield MultiCropBatch(images, None, torch.tensor([r[3] for r in reads], dtype=torch.int64),
-                                 torch.tensor([r[4] for r in reads], dtype=torch.int64), sum(r[5] for r in reads))
+                                 torch.tensor([r[4] for r in reads], dtype=torch.int64), failed)
 
 
 def build_dali_eval_loader(cfg: DataConfig, directory: str, key: str, batch_size: int, rank: int, world: int):

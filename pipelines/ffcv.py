@@ -186,6 +186,48 @@ def make_order(sampler: StepSampler, ids: list[int] | None = None):
     return StepOrder()
 
 
+def open_beton(path: str, key: str = "data.beton"):
+    """FFCV's Reader of a .beton, after checking the file's layout, so that a missing, empty, truncated
+    or foreign file is one error naming the key and the file (FFCV itself asserts, or reads past the end
+    of the file at the first batch). Layout (FFCV 1.0): a header (format version, field count, record
+    count, position of the allocation table), the field descriptors, the per-record metadata, the
+    records' data, and last the allocation table of (record, position, size) entries."""
+    _import_ffcv()
+    from ffcv.reader import Reader
+    from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType
+
+    fix = "write it again with python -m pipelines.convert --src <imagefolder> --out <file>.beton"
+    if not path or not Path(path).is_file():
+        raise ConfigError(f"{key}: '{path}' is not a file; {fix}")
+    size = Path(path).stat().st_size
+
+    def bad(what: str) -> ConfigError:
+        return ConfigError(f"{key}: '{path}' is not a usable .beton ({what}); {fix}")
+
+    if size < HeaderType.itemsize:
+        raise bad("an empty file" if size == 0 else f"{size} bytes, shorter than FFCV's header")
+    header = np.fromfile(path, dtype=HeaderType, count=1)[0]
+    if int(header["version"]) != CURRENT_VERSION:
+        raise bad(f"format version {int(header['version'])} where FFCV 1.0 writes {CURRENT_VERSION}: "
+                  f"not a .beton, or from another FFCV version")
+    records, fields, table = int(header["num_samples"]), int(header["num_fields"]), int(header["alloc_table_ptr"])
+    if records == 0:
+        raise bad("it holds no records")
+    if not 0 < fields <= 256 or table == 0:
+        raise bad(f"{fields} fields, allocation table at byte {table}: not a finished .beton (an interrupted write?)")
+    if table < HeaderType.itemsize + fields * FieldDescType.itemsize or table >= size \
+            or (size - table) % ALLOC_TABLE_TYPE.itemsize:
+        raise bad(f"truncated: its allocation table starts at byte {table} of {size}")
+    try:
+        reader = Reader(path)
+    except Exception as exc:  # unknown field types, unreadable descriptors
+        raise bad(f"FFCV cannot read it: {type(exc).__name__}: {exc}") from None
+    entries = reader.alloc_table
+    if reader.metadata.shape[0] != records or (len(entries) and int((entries["ptr"] + entries["size"]).max()) > table):
+        raise bad(f"truncated: it declares {records} records whose data run past its end")
+    return reader
+
+
 class FFCVMultiCropLoader:
     """Same interface as the other backends: len() = steps per epoch, .epoch(e, start_step), .num_samples."""
 
@@ -196,14 +238,9 @@ class FFCVMultiCropLoader:
         numba kernel on the CPU; torch: tensor ops everywhere)."""
         _import_ffcv()
         self.decode_each_crop, self.augment, self.augment_impl = decode_each_crop, augment, augment_impl
-        from ffcv.reader import Reader
-
-        if not cfg.beton or not Path(cfg.beton).is_file():
-            raise ConfigError(f"data.beton: '{cfg.beton}' is not a file; write one with "
-                              f"python -m pipelines.convert --src {cfg.train_dir or '<imagefolder>'} --out train.beton")
         self.cfg, self.seed, self.rank = cfg, seed, rank
         self.device = device or torch.device("cpu")
-        self.num_records = Reader(cfg.beton).num_samples
+        self.num_records = int(open_beton(cfg.beton, "data.beton").num_samples)
         self.sampler = StepSampler(self.num_records, cfg.batch_size, rank, world, seed)
         self.local_batch = cfg.batch_size // world
         self.sizes = [cfg.global_size] * 2 + [cfg.local_size] * cfg.local_crops
@@ -286,33 +323,50 @@ def beton_classes(beton: str) -> list[str] | None:
     return None
 
 
+def center_crop_box(height, width, _scale, ratio):
+    """The central square of side ratio * (short side), at least 1 px (FFCV's own center crop rounds a
+    1 x 1 image's side down to 0 and OpenCV then aborts the process). Compiled by FFCV's pipeline compiler."""
+    side = max(1, int(ratio * min(height, width)))
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+@functools.lru_cache(maxsize=None)
+def _center_crop_decoder_class():
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+
+    class CenterCropDecoder(CenterCropRGBImageDecoder):
+        """FFCV's center-crop decoder (crop, then resize to the output size) with center_crop_box."""
+
+        @property
+        def get_crop_generator(self):
+            return center_crop_box
+
+    return CenterCropDecoder
+
+
 class FFCVEvalLoader:
     """Evaluation transform over a .beton, this rank's contiguous unpadded shard in record order: the
     central square of side eval_crop / eval_resize of the short side (FFCV's CenterCropRGBImageDecoder:
     crop, then resize to eval_crop; the reference resizes first, then crops the same region), normalised."""
 
     def __init__(self, cfg: DataConfig, beton: str, batch_size: int, rank: int, world: int,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, key: str = "data.val_beton"):
         _import_ffcv()
         from ffcv.fields.basics import IntDecoder
-        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
-        from ffcv.reader import Reader
         from ffcv.transforms import ToTensor
 
         from pipelines.reference import shard_range
 
-        if not Path(beton).is_file():
-            raise ConfigError(f"data.val_beton / data.beton: '{beton}' is not a file; write it with python -m pipelines.convert")
         self.cfg, self.device = cfg, device or torch.device("cpu")
-        reader = Reader(beton)  # header + metadata once: count and labels
+        reader = open_beton(beton, key)  # header + metadata once: count and labels
         self.count = reader.num_samples
         shard = list(shard_range(self.count, rank, world))
         self.batches = (len(shard) + batch_size - 1) // batch_size
         crop = (cfg.eval_crop, cfg.eval_crop)
         self.loader = Loader(beton, batch_size=batch_size, num_workers=ffcv_workers(cfg), order=OrderOption.SEQUENTIAL,
                              indices=shard, drop_last=False, os_cache=cfg.os_cache,
-                             pipelines={"image": [CenterCropRGBImageDecoder(crop, ratio=cfg.eval_crop / cfg.eval_resize)],
+                             pipelines={"image": [_center_crop_decoder_class()(crop, ratio=cfg.eval_crop / cfg.eval_resize)],
                                         "label": [IntDecoder(), ToTensor()], "index": [IntDecoder(), ToTensor()]})
         labels = reader.metadata["f1"]
         self.classes = beton_classes(beton) or [str(c) for c in range(int(labels.max()) + 1)]
@@ -341,7 +395,6 @@ class FFCVLinearLoader:
         _import_ffcv()
         from ffcv.fields.basics import IntDecoder
         from ffcv.loader import Loader
-        from ffcv.reader import Reader
         from ffcv.transforms import ToTensor
 
         from pipelines.keyed_random import keys
@@ -349,7 +402,7 @@ class FFCVLinearLoader:
         self.cfg, self.seed, self.rank = cfg, seed, rank
         self.stream_seed = int(keys(seed, self.STREAM).view(np.int64)[0])
         self.device = device or torch.device("cpu")
-        count = len(subset) if subset is not None else Reader(cfg.beton).num_samples
+        count = len(subset) if subset is not None else int(open_beton(cfg.beton, "data.beton").num_samples)
         self.sampler = StepSampler(count, batch_size, rank, world, seed)
         self._order = make_order(self.sampler, subset)
         self._epoch_cell = np.zeros(1, dtype=np.int64)
@@ -385,11 +438,10 @@ def beton_samples(beton: str) -> tuple[list[tuple[str, int]], list[str], str]:
     sidecar JSON (written by pipelines.convert) and its label field."""
     import json
 
-    from ffcv.reader import Reader
-
+    reader = open_beton(beton, "data.beton")
     side = Path(beton + ".json")
     if not side.is_file():
         raise ConfigError(f"data.beton: '{beton}' has no sidecar '{side}'; write the file with python -m pipelines.convert")
     info = json.loads(side.read_text())
-    labels = Reader(beton).metadata["f1"].tolist()
+    labels = reader.metadata["f1"].tolist()
     return [(str(Path(info["source"]) / p), int(l)) for p, l in zip(info["paths"], labels)], info["classes"], info["source"]

@@ -15,6 +15,7 @@ batch is the same whatever the number of workers or ranks, and a resumed run see
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -156,6 +157,42 @@ def to_normalized_tensor(img: Image.Image, mean, std) -> torch.Tensor:
     return TF.normalize(TF.to_tensor(img), mean, std)
 
 
+def scan_class_folder(folder: Path, warn=None) -> tuple[list[str], list[str]]:
+    """(image paths, other files) under one class folder, sorted, symlinked files and folders followed.
+    An entry with an image extension that is not a readable regular file (a symlink loop, a dangling link,
+    a file without read permission) is kept as an image path: the decoder then fails on it and it is
+    counted and named like every other unreadable image. Sub-folders that cannot be listed are named
+    through `warn` (default: a warning on stderr) instead of vanishing."""
+    warn = warn or (lambda text: print(f"warning: {text}", file=sys.stderr))
+    images, other = [], []
+
+    def unlistable(error: OSError) -> None:
+        warn(f"cannot list '{error.filename}' ({error.strerror}); its images are not used")
+
+    seen = set()
+    for top, dirs, files in os.walk(folder, onerror=unlistable, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:  # reached twice through symlinks: each real folder is listed once
+            dirs[:] = []
+            continue
+        seen.add(real)
+        follow = []
+        for name in dirs:
+            path = os.path.join(top, name)
+            target = os.path.realpath(path)
+            if not os.path.isdir(path):  # a dangling or looping link: unreadable, named by the decoder
+                (images if Path(name).suffix.lower() in IMAGE_EXTENSIONS else other).append(path)
+            elif os.path.islink(path) and (real == target or real.startswith(target + os.sep)):
+                warn(f"'{path}' links back to '{target}' (a folder loop); not followed")
+            else:
+                follow.append(name)
+        dirs[:] = follow
+        for name in files:
+            path = os.path.join(top, name)
+            (images if Path(name).suffix.lower() in IMAGE_EXTENSIONS else other).append(path)
+    return sorted(images), sorted(other)
+
+
 def scan_image_folder(root: str | Path, key: str = "data.train_dir") -> tuple[list[tuple[str, int]], list[str]]:
     """(samples [(path, class id)], class names) of an ImageFolder, sorted; clear errors when empty."""
     root = Path(root)
@@ -164,21 +201,24 @@ def scan_image_folder(root: str | Path, key: str = "data.train_dir") -> tuple[li
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     if not classes:
         raise ConfigError(f"{key}: '{root}' has no class sub-folders; expected {root}/<class>/<image>.jpg")
-    samples = []
-    for label, name in enumerate(classes):
-        for path in sorted((root / name).rglob("*")):
-            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
-                samples.append((str(path), label))
+    samples = [(path, label) for label, name in enumerate(classes) for path in scan_class_folder(root / name)[0]]
     if not samples:
         raise ConfigError(f"{key}: '{root}' has class folders but no images ({', '.join(IMAGE_EXTENSIONS)})")
     return samples, classes
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Decode an image fully as RGB (CMYK, grayscale, palette and alpha images are converted)."""
+def load_rgb(path, draft: tuple[int, int] | None = None) -> Image.Image:
+    """Decode an image (a path or a file object) fully as RGB (CMYK, grayscale, palette and alpha images are
+    converted; 16-bit grayscale, which PIL's RGB conversion would clip to white, is scaled to 8 bits:
+    v -> round(v / 257)). draft=(w, h): a JPEG may be decoded at 1/2, 1/4 or 1/8 scale, no smaller than that."""
     with Image.open(path) as img:
+        if draft is not None and img.format == "JPEG":
+            img.draft("RGB", draft)
         img.load()
-        if img.mode in ("P", "PA", "LA"):
+        if img.mode.startswith("I"):  # "I;16", "I;16B", ... and "I" (how PIL opens 16-bit PNGs)
+            wide = np.asarray(img, dtype=np.float64)
+            img = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), mode="L")
+        elif img.mode in ("P", "PA", "LA"):
             img = img.convert("RGBA")  # palette / alpha: resolve transparency before dropping alpha
         return img.convert("RGB")
 
@@ -317,7 +357,9 @@ class MultiCropLoader:
 
 
 class EvalDataset(Dataset):
-    """Resize(short side = resize) + CenterCrop(crop), normalised: the evaluation transform."""
+    """Resize(short side = resize) + CenterCrop(crop), normalised: the evaluation transform. An unreadable
+    image is left out (None; collate_eval counts it in batch.failed), never replaced by another one, so
+    each readable image is evaluated exactly once and the counts are the images actually evaluated."""
 
     def __init__(self, source: ImageSource, cfg: DataConfig):
         self.source, self.cfg = source, cfg
@@ -327,16 +369,19 @@ class EvalDataset(Dataset):
 
     def __getitem__(self, index: int):
         img, actual, label, failed = self.source.read(index)
+        if actual != index:
+            return None
         img = TF.center_crop(TF.resize(img, self.cfg.eval_resize), self.cfg.eval_crop)
         return [to_normalized_tensor(img, self.cfg.mean, self.cfg.std)], [], actual, label, failed
 
 
 def collate_eval(items) -> MultiCropBatch:
-    """Single view: globals [B,3,H,W]."""
-    globals_ = torch.stack([item[0][0] for item in items])
-    index = torch.tensor([item[2] for item in items], dtype=torch.int64)
-    label = torch.tensor([item[3] for item in items], dtype=torch.int64)
-    return MultiCropBatch(globals_, None, index, label, sum(item[4] for item in items))
+    """Single view: globals [B,3,H,W] of the readable images (B may be 0); failed = the unreadable ones."""
+    kept = [item for item in items if item is not None]
+    globals_ = torch.stack([item[0][0] for item in kept]) if kept else torch.zeros((0, 3, 1, 1))
+    index = torch.tensor([item[2] for item in kept], dtype=torch.int64)
+    label = torch.tensor([item[3] for item in kept], dtype=torch.int64)
+    return MultiCropBatch(globals_, None, index, label, len(items) - len(kept) + sum(item[4] for item in kept))
 
 
 def shard_range(num_samples: int, rank: int, world: int) -> range:

@@ -76,6 +76,10 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     eval_resize: int = 256  # kNN / evaluation transform: Resize(eval_resize) + CenterCrop(eval_crop)
     eval_crop: int = 224
+    # backend dali: an image with more pixels than this is downscaled on the host (JPEG: DCT-scaled decode)
+    # to fit, before DALI decodes it, so DALI holds at most 3 x this many bytes per decoded image; each
+    # such image is named in a warning. 0 = no cap.
+    max_decode_pixels: int = 36_000_000
     synthetic_size: int = 512  # number of samples of the synthetic backend
     synthetic_classes: int = 10
 
@@ -407,6 +411,7 @@ def _check_values(cfg: Config) -> None:
     if not all(v > 0 for v in cfg.data.std):
         raise ConfigError(f"config key 'data.std' must hold 3 numbers > 0 (it divides the pixels), got {cfg.data.std}")
     for key, value in {"data.workers": cfg.data.workers, "data.local_crops": cfg.data.local_crops,
+                       "data.max_decode_pixels": cfg.data.max_decode_pixels,
                        "train.stop_at_step": cfg.train.stop_at_step, "train.max_bad_steps": cfg.train.max_bad_steps, "optim.warmup_epochs": cfg.optim.warmup_epochs,
                        "knn.every_epochs": cfg.knn.every_epochs}.items():
         if value < 0:
@@ -457,6 +462,12 @@ def check_paths(cfg: Config, need_val: bool | None = None) -> None:
     ffcv = backend == "ffcv"
     if ffcv and cfg.data.val_beton and not Path(cfg.data.val_beton).is_file():
         raise ConfigError(f"data.val_beton: '{cfg.data.val_beton}' is not a file; write it with python -m pipelines.convert")
+    if ffcv:  # an empty, truncated or foreign file stops here, not at the first batch or the final kNN
+        from pipelines.ffcv import open_beton
+
+        for key in ("data.beton", "data.val_beton"):
+            if getattr(cfg.data, key.split(".")[1]):
+                open_beton(getattr(cfg.data, key.split(".")[1]), key)
     keys = ([] if ffcv else [("data.train_dir", cfg.data.train_dir)]) + \
         ([("data.val_dir", cfg.data.val_dir)] if need_val and not (ffcv and cfg.data.val_beton) else [])
     for key, value in keys:

@@ -78,7 +78,7 @@ def finetune(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
     from pipelines import build_eval_loader, resolve_backend
     from pipelines.datasets import load_split
     from pipelines.reference import ImageSource, MultiCropLoader, StepSampler, collate_eval
-    from wcl_fast.knn import gather_variable
+    from wcl_fast.knn import extract_all
     from wcl_fast.linear import LinearTrainDataset, accuracy, load_encoder
 
     ctx = ctx or wdist.init_distributed()
@@ -142,14 +142,9 @@ def finetune(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
     model.eval()
     val_loader, n_val, _ = build_eval_loader(cfg.data, cfg.data.val_dir, "data.val_dir", cfg.knn.batch_size,
                                              ctx.rank, ctx.world_size, pin)
-    logits, labels = [], []
-    with torch.no_grad():
-        for batch in val_loader:
-            batch = batch.to(device, cfg.model.channels_last)
-            logits.append(model(batch.globals).float())
-            labels.append(batch.label)
-    logits, labels = gather_variable(torch.cat(logits)), gather_variable(torch.cat(labels))
-    assert logits.shape[0] == n_val, "validation shards must cover the set exactly once"
+    logits, labels, _ = extract_all(model, val_loader, n_val, "data.val_dir", device, cfg.model.channels_last,
+                                    normalize=False)  # the classifier's outputs, in fp32 as before
+    n_val = logits.shape[0]  # the images actually evaluated
     top1, top5 = accuracy(logits, labels)
     return {"top1": top1, "top5": top5, "labelled": len(subset), "val_count": n_val}
 

@@ -22,20 +22,48 @@ from wcl_fast.cli import command
 
 @torch.no_grad()
 def extract_features(encoder: torch.nn.Module, loader, device: torch.device, channels_last: bool = True,
-                     precision: str = "fp32", normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features [n, d] (fp32; L2-normalised unless normalize=False) and labels [n] of this rank's shard."""
+                     precision: str = "fp32", normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Features [n, d] (fp32; L2-normalised unless normalize=False) and labels [n] of this rank's shard,
+    and how many of its images were unreadable and left out (the evaluation loaders never substitute)."""
     was_training = encoder.training
     encoder.eval()
-    feats, labels = [], []
+    feats, labels, skipped = [], [], 0
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     for batch in loader:
+        skipped += batch.failed
+        if batch.globals.shape[0] == 0:
+            continue
         batch = batch.to(device, channels_last)
         with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             h = encoder(batch.globals)  # [B, d]
         feats.append(F.normalize(h.float(), dim=1) if normalize else h.float())
         labels.append(batch.label)
     encoder.train(was_training)
-    return torch.cat(feats), torch.cat(labels)
+    if not feats:
+        return torch.zeros(0, 0, device=device), torch.zeros(0, dtype=torch.int64, device=device), skipped
+    return torch.cat(feats), torch.cat(labels), skipped
+
+
+def extract_all(encoder: torch.nn.Module, loader, total: int, what: str, device: torch.device, channels_last: bool = True,
+                precision: str = "fp32", normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """extract_features over every rank's shard, gathered in rank order: (features, labels, unreadable
+    images left out). Checks that the shards covered the `total` samples exactly once and names the
+    unreadable ones' count (`what`: e.g. "data.val_dir") when there are any."""
+    feats, labels, skipped = extract_features(encoder, loader, device, channels_last, precision, normalize)
+    if wdist.world_size() > 1:
+        count = torch.tensor([float(skipped)], device=device)
+        dist.all_reduce(count)
+        skipped = int(count.item())  # sync point (evaluation only)
+    feats, labels = gather_variable(feats), gather_variable(labels)
+    assert feats.shape[0] + skipped == total, "evaluation shards must cover each set exactly once"
+    if skipped and wdist.rank() == 0:
+        print(f"warning: {what}: {skipped} of {total} images are unreadable and were left out "
+              f"(the warnings above name them); evaluated {feats.shape[0]}", file=sys.stderr, flush=True)
+    if feats.shape[0] == 0:
+        from wcl_fast.config import ConfigError
+
+        raise ConfigError(f"{what}: none of its {total} images could be read")
+    return feats, labels, skipped
 
 
 def gather_variable(x: torch.Tensor) -> torch.Tensor:
@@ -89,12 +117,13 @@ def evaluate_knn(encoder: torch.nn.Module, cfg, device: torch.device) -> dict:
                                                            cfg.knn.batch_size, rank, world, pin)
     val_loader, n_val, _ = build_eval_loader(cfg.data, cfg.data.val_dir, "data.val_dir",
                                              cfg.knn.batch_size, rank, world, pin)
-    bank, bank_labels = extract_features(encoder, train_loader, device, cfg.model.channels_last, cfg.train.precision)
-    test, test_labels = extract_features(encoder, val_loader, device, cfg.model.channels_last, cfg.train.precision)
-    bank, bank_labels = gather_variable(bank), gather_variable(bank_labels)
-    test, test_labels = gather_variable(test), gather_variable(test_labels)
-    assert bank.shape[0] == n_train and test.shape[0] == n_val, "kNN shards must cover each set exactly once"
-    return knn_accuracy(bank, bank_labels, test, test_labels, num_classes, cfg.knn.k, cfg.knn.temperature)
+    bank, bank_labels, _ = extract_all(encoder, train_loader, n_train, "data.train_dir", device, cfg.model.channels_last,
+                                       cfg.train.precision)
+    test, test_labels, skipped = extract_all(encoder, val_loader, n_val, "data.val_dir", device, cfg.model.channels_last,
+                                             cfg.train.precision)
+    result = knn_accuracy(bank, bank_labels, test, test_labels, num_classes, cfg.knn.k, cfg.knn.temperature)
+    result["skipped"] = skipped  # unreadable test images, left out of `count`
+    return result
 
 
 @command
@@ -126,7 +155,8 @@ def main(argv=None) -> int:
     encoder.to(ctx.device, memory_format=torch.channels_last if cfg.model.channels_last else torch.contiguous_format)
     result = evaluate_knn(encoder, cfg, ctx.device)
     if ctx.is_main:
-        print(f"kNN (k={cfg.knn.k}, T={cfg.knn.temperature}) on {result['count']} images: "
+        left_out = f" ({result['skipped']} unreadable left out)" if result["skipped"] else ""
+        print(f"kNN (k={cfg.knn.k}, T={cfg.knn.temperature}) on {result['count']} images{left_out}: "
               f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%")
     return 0
 

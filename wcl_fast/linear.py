@@ -26,7 +26,7 @@ from wcl_fast import dist as wdist
 from pipelines import resolve_backend
 from wcl_fast.cli import command
 from wcl_fast.config import Config, check_out_dir, check_paths, load_config
-from wcl_fast.knn import extract_features, gather_variable
+from wcl_fast.knn import extract_all
 
 
 class LinearTrainDataset(Dataset):
@@ -95,10 +95,9 @@ def train_linear(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
     pin = device.type == "cuda"
     val_loader, n_val, num_classes = build_eval_loader(cfg.data, cfg.data.val_dir, "data.val_dir", cfg.knn.batch_size,
                                                        ctx.rank, ctx.world_size, pin)
-    val_feats, val_labels = extract_features(encoder, val_loader, device, cfg.model.channels_last,
-                                             cfg.train.precision, normalize=False)
-    val_feats, val_labels = gather_variable(val_feats), gather_variable(val_labels)
-    assert val_feats.shape[0] == n_val, "validation shards must cover the set exactly once"
+    val_feats, val_labels, _ = extract_all(encoder, val_loader, n_val, "data.val_dir", device, cfg.model.channels_last,
+                                           cfg.train.precision, normalize=False)
+    n_val = val_feats.shape[0]  # the images actually evaluated
     dim = val_feats.shape[1]
     classifier = torch.nn.Linear(dim, num_classes).to(device)
     torch.nn.init.normal_(classifier.weight, std=0.01)
@@ -110,10 +109,9 @@ def train_linear(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
         # every rank holds all cached features and takes identical steps: no DDP needed
         train_loader, n_train, _ = build_eval_loader(cfg.data, cfg.data.train_dir, "data.train_dir", cfg.knn.batch_size,
                                                      ctx.rank, ctx.world_size, pin)
-        feats, labels = extract_features(encoder, train_loader, device, cfg.model.channels_last, cfg.train.precision,
-                                         normalize=False)
-        feats, labels = gather_variable(feats), gather_variable(labels)
-        sampler = StepSampler(n_train, lin.batch_size, 0, 1, cfg.train.seed)
+        feats, labels, _ = extract_all(encoder, train_loader, n_train, "data.train_dir", device, cfg.model.channels_last,
+                                       cfg.train.precision, normalize=False)
+        sampler = StepSampler(feats.shape[0], lin.batch_size, 0, 1, cfg.train.seed)  # rows of the readable images
         model = classifier
     else:
         if cfg.data.backend == "ffcv":  # RandomResizedCrop in FFCV's decoder, flip on the device

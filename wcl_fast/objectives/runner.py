@@ -208,16 +208,23 @@ class ClInfoNCEObjective(Objective):
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
         parts, index = [], []
         for batch in loader:
+            if batch.globals.shape[0] == 0:  # only unreadable images (left out; training never draws them)
+                continue
             batch = batch.to(device, cfg.model.channels_last)
             with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 parts.append(model.embed(batch.globals)[0].float())
             index.append(batch.index)
         model.train(was_training)
         z, index = gather_variable(torch.cat(parts)), gather_variable(torch.cat(index))
-        assert z.shape[0] == count, "the evaluation shards must cover the training set exactly once"
-        z = z[index.argsort()]
-        assign, _ = spherical_kmeans(z, cfg.loss.clinfonce.kmeans_k, cfg.loss.clinfonce.kmeans_iters,
-                                     seed=cfg.train.seed * 1_000_003 + epoch)
+        assert z.shape[0] <= count and index.unique().numel() == z.shape[0], "each training image embedded once"
+        order = index.argsort()
+        z, index = z[order], index[order]
+        readable, _ = spherical_kmeans(z, cfg.loss.clinfonce.kmeans_k, cfg.loss.clinfonce.kmeans_iters,
+                                       seed=cfg.train.seed * 1_000_003 + epoch)
+        # unreadable images have no embedding; their ids never reach a training batch (the loaders
+        # substitute the next readable sample and report its id), so cluster 0 is never read for them
+        assign = torch.zeros(count, dtype=readable.dtype, device=readable.device)
+        assign[index] = readable
         if self.ctx.world_size > 1:  # one table for every rank
             torch.distributed.broadcast(assign, src=0)
         return assign
