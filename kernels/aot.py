@@ -18,6 +18,8 @@ import subprocess
 import sys
 import tempfile
 
+from wcl_fast.cli import ArgumentParser, command
+
 _DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 
 
@@ -97,8 +99,9 @@ def report(archs, dtypes, dims, write_logits=(False, True)) -> list[dict]:
     return compile_configs(jobs)
 
 
+@command
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m kernels.aot", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities (80: A100, 90: H100/H200)")
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(_DTYPES))
     parser.add_argument("--dims", type=int, nargs="+", default=[128, 256])

@@ -13,7 +13,6 @@ On a CPU the Triton kernel runs under TRITON_INTERPRET=1 and only at the smalles
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -27,6 +26,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the Triton kernel's import
 
 import kernels  # noqa: E402
+from wcl_fast.cli import ArgumentParser, at_least, command, output_file  # noqa: E402
 
 
 def _timer(device: torch.device, fn, repeats: int) -> tuple[float, float | None]:
@@ -114,17 +114,19 @@ def print_rows(rows: list[dict]) -> None:
         print(f"{r['path']:<10}{r['n']:>7}{r['d']:>5}{r['dtype']:>6}{r['ms']:>11.3f}{r['tflops']:>9.3f}{vs:>8}{peak:>10}")
 
 
+@command
 def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n")[0])
     # largest first on a GPU: the issue's target shape (32768, 256, bf16) is measured before any timeout
-    parser.add_argument("--sizes", type=int, nargs="+", default=[32768, 8192, 4096] if cuda else [512, 2048, 4096])
-    parser.add_argument("--dims", type=int, nargs="+", default=[256, 128] if cuda else [128, 256])
+    parser.add_argument("--sizes", type=at_least(1), nargs="+", default=[32768, 8192, 4096] if cuda else [512, 2048, 4096])
+    parser.add_argument("--dims", type=at_least(1), nargs="+", default=[256, 128] if cuda else [128, 256])
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"] if cuda else ["fp32", "bf16"],
                         choices=["fp32", "bf16", "fp16"])
-    parser.add_argument("--repeats", type=int, default=10 if cuda else 3)
+    parser.add_argument("--repeats", type=at_least(1), default=10 if cuda else 3)
     parser.add_argument("--json", default="kernels_bench.json", help="where to write the rows as JSON")
     args = parser.parse_args(argv)
+    output_file("--json", args.json)
     device = torch.device("cuda" if cuda else "cpu")
     hardware = torch.cuda.get_device_name() if cuda else f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
     print(f"kernels.bench on {hardware}; torch {torch.__version__}; median of {args.repeats} "

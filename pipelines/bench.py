@@ -20,7 +20,6 @@ excluded. Prints a table and JSON.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
@@ -30,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from wcl_fast.cli import ArgumentParser, at_least, command, output_file
 
 BACKENDS = ("reference", "auto", "dali", "dali-graph", "ffcv", "ffcv-torch", "ffcv8", "ffcv-crop", "ffcv8-crop")
 
@@ -174,21 +175,30 @@ def measure(backend: str, cfg, batches: int) -> dict:
     return row
 
 
+@command
 def main(argv=None) -> int:
-    from wcl_fast.config import DataConfig
+    from wcl_fast.config import ConfigError, DataConfig
 
-    parser = argparse.ArgumentParser(prog="python -m pipelines.bench", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m pipelines.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--backend", default="reference,dali,ffcv", help=f"comma-separated, from {', '.join(BACKENDS)}")
     parser.add_argument("--data", default=None, help="ImageFolder to read, or 'photos' (default: synthetic JPEGs in "
                                                      "data/bench_jpeg)")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--batches", type=int, default=6)
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
-    parser.add_argument("--global-size", type=int, default=224)
-    parser.add_argument("--local-crops", type=int, default=6)
-    parser.add_argument("--local-size", type=int, default=96)
+    parser.add_argument("--batch", type=at_least(1), default=64)
+    parser.add_argument("--batches", type=at_least(1), default=6)
+    parser.add_argument("--workers", type=at_least(0), default=min(8, os.cpu_count() or 1))
+    parser.add_argument("--global-size", type=at_least(1), default=224)
+    parser.add_argument("--local-crops", type=at_least(0), default=6)
+    parser.add_argument("--local-size", type=at_least(1), default=96)
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
+    output_file("--json", args.json)
+    backends = [b.strip() for b in args.backend.split(",") if b.strip()]
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown or not backends:
+        raise ConfigError(f"--backend: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(BACKENDS)}")
+    if args.data not in (None, "photos") and not Path(args.data).is_dir():
+        raise ConfigError(f"--data: '{args.data}' is not a folder; give an ImageFolder (one sub-folder per class), "
+                          f"'photos', or nothing for synthetic JPEGs")
     if args.data == "photos":
         data = write_photo_images(Path("data") / "bench_photos")
     else:
@@ -196,7 +206,7 @@ def main(argv=None) -> int:
     cfg = DataConfig(train_dir=str(data), batch_size=args.batch, workers=args.workers, global_size=args.global_size,
                      local_crops=args.local_crops, local_size=args.local_size)
     rows = []
-    for backend in [b.strip() for b in args.backend.split(",") if b.strip()]:
+    for backend in backends:
         try:
             rows.append(measure(backend, cfg, args.batches))
         except Exception as exc:  # e.g. DALI not installed: report and continue with the others

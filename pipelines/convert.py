@@ -17,7 +17,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.reference import IMAGE_EXTENSIONS, load_rgb
+from wcl_fast.cli import ArgumentParser, at_least, between, command
 from wcl_fast.config import ConfigError
 
 
@@ -200,7 +200,7 @@ class _WatchedWriter:
                 reason = text
         record = self.current[proc.slot]
         what = (f"record {record}, '{samples[record][0]}'" if 0 <= record < len(samples) else "before its first record")
-        how = reason or (f"killed by signal {-code}" if code < 0 else f"exit code {code}")
+        how = " ".join(reason.split()) if reason else (f"killed by signal {-code}" if code < 0 else f"exit code {code}")
         return WriterFailed(f"FFCV's writer failed on {what}: {how}; nothing was written. Remove or re-save that "
                             f"file and run the conversion again")
 
@@ -259,21 +259,18 @@ def convert(src: str, out: str, max_resolution: int | None = 512, jpeg_quality: 
     return summary
 
 
+@command
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.convert", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m pipelines.convert", description=__doc__.split("\n")[0])
     parser.add_argument("--src", required=True, help="ImageFolder: one sub-folder per class")
     parser.add_argument("--out", required=True, help="the .beton file to write")
-    parser.add_argument("--max-resolution", type=int, default=512, help="longest side cap (0 = keep)")
-    parser.add_argument("--jpeg-quality", type=int, default=90)
+    parser.add_argument("--max-resolution", type=at_least(0), default=512, help="longest side cap (0 = keep)")
+    parser.add_argument("--jpeg-quality", type=between(1, 100), default=90)
     parser.add_argument("--write-mode", default="jpg", choices=["jpg", "raw", "proportion"])
-    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    parser.add_argument("--workers", type=at_least(1), default=max(1, (os.cpu_count() or 2) - 1))
     parser.add_argument("--force", action="store_true", help="overwrite --out")
     args = parser.parse_args(argv)
-    try:
-        convert(args.src, args.out, args.max_resolution or None, args.jpeg_quality, args.write_mode, args.workers, args.force)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    convert(args.src, args.out, args.max_resolution or None, args.jpeg_quality, args.write_mode, args.workers, args.force)
     return 0
 
 

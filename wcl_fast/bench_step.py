@@ -16,7 +16,6 @@ overhead at small batches), achieved TFLOP/s and MFU on known GPUs, and a PROJEC
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 from pipelines.bench import COMPUTE_LIMIT_EPOCH_S, IMAGENET_TRAIN  # noqa: F401 (the epoch targets, 8 GPUs)
+from wcl_fast.cli import ArgumentParser, at_least, command, output_file
 
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0, "A10": 125.0}  # dense
 
@@ -171,23 +171,23 @@ def format_table(r: dict) -> str:
     return "\n".join(lines)
 
 
+@command
 def main(argv=None) -> int:
     from wcl_fast.config import ConfigError, load_config
 
-    parser = argparse.ArgumentParser(prog="python -m wcl_fast.bench_step", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m wcl_fast.bench_step", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--scaling", type=float, default=1.0, help="multi-GPU efficiency used by the projection")
+    parser.add_argument("--steps", type=at_least(1), default=20)
+    parser.add_argument("--warmup", type=at_least(0), default=5)
+    parser.add_argument("--rounds", type=at_least(1), default=2)
+    parser.add_argument("--scaling", type=at_least(0.0, float), default=1.0, help="multi-GPU efficiency used by the projection")
     parser.add_argument("--json", default=None)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    output_file("--json", args.json)
+    cfg = load_config(args.config, args.overrides)
+    if not 0 < args.scaling <= 1:
+        raise ConfigError(f"--scaling: the multi-GPU efficiency must be in (0, 1], got {args.scaling}")
     result = run(cfg, args.steps, args.warmup, args.rounds, args.scaling)
     print(format_table(result))
     print(json.dumps(result))

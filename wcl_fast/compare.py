@@ -14,13 +14,14 @@ on the demo's MNIST digits (written by wcl_fast.demo when missing).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from wcl_fast.cli import ArgumentParser, at_least, command
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "configs" / "cpu_compare.yaml"
@@ -165,36 +166,29 @@ def write_chart(result: dict, path: Path) -> Path | None:
     return path
 
 
+@command
 def main(argv=None) -> int:
-    from wcl_fast.config import ConfigError
+    from wcl_fast.config import ConfigError, load_config
 
-    parser = argparse.ArgumentParser(prog="python -m wcl_fast.compare", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m wcl_fast.compare", description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG))
     parser.add_argument("--objectives", default=",".join(ALL), help=f"comma-separated subset of {', '.join(ALL)}")
     parser.add_argument("--out", default="runs/compare", help="folder for the runs, compare.json and compare.png")
     parser.add_argument("--data", default=None, help="demo MNIST folder to write/use (default: data/mnist_jpeg "
                         "when the config leaves data.train_dir empty)")
-    parser.add_argument("--seeds", type=int, default=3, help="train.seed, train.seed + 1, ...: mean +- sd over them")
+    parser.add_argument("--seeds", type=at_least(1), default=3, help="train.seed, train.seed + 1, ...: mean +- sd over them")
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every objective")
     args = parser.parse_args(argv)
     objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
-    if args.seeds < 1:
-        print(f"error: --seeds must be >= 1, got {args.seeds}", file=sys.stderr)
-        return 2
     unknown = [o for o in objectives if o not in ALL]
     if unknown or not objectives:
-        print(f"error: --objectives: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(ALL)}", file=sys.stderr)
-        return 2
-    try:
-        from wcl_fast.config import load_config
-
-        data = args.data
-        if data is None and not load_config(args.config, args.overrides).data.train_dir:
-            data = str(Path("data") / "mnist_jpeg")
-        run(args.config, objectives, args.overrides, Path(args.out), data, args.seeds)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--objectives: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(ALL)}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError(f"--out: '{args.out}' is a file; give a folder for the runs and the tables")
+    data = args.data
+    if data is None and not load_config(args.config, args.overrides).data.train_dir:
+        data = str(Path("data") / "mnist_jpeg")
+    run(args.config, objectives, args.overrides, Path(args.out), data, args.seeds)
     return 0
 
 

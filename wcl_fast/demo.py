@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from wcl_fast.cli import ArgumentParser, command, output_file
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "configs" / "cpu_demo.yaml"
@@ -71,6 +72,7 @@ def raw_pixel_knn(cfg, device) -> dict:
     return evaluate_knn(torch.nn.Flatten(), cfg, device)
 
 
+@command
 def main(argv=None) -> int:
     from wcl_fast import dist as wdist
     from wcl_fast.config import ConfigError, check_paths, load_config
@@ -79,12 +81,13 @@ def main(argv=None) -> int:
     from wcl_fast.plot import plot_runs
     from wcl_fast.train import train
 
-    parser = argparse.ArgumentParser(prog="python -m wcl_fast.demo", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m wcl_fast.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG))
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="where to write the MNIST ImageFolder")
     parser.add_argument("--json", default=None, help="also write the three rows and the timings here")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the demo config, e.g. train.seed=1")
     args = parser.parse_args(argv)
+    output_file("--json", args.json)
 
     start = time.perf_counter()
     n_train, n_test = write_mnist_imagefolder(args.data)

@@ -9,13 +9,12 @@
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 
 from wcl_fast.checkpoint import CheckpointWriteError, atomic_save, encoder_weights, load_checkpoint
-from wcl_fast.cli import command
+from wcl_fast.cli import ArgumentParser, command
 from wcl_fast.config import ConfigError
 
 OFFICIAL_PREFIXES = ("module.net.", "module.head1.", "module.head2.")
@@ -41,7 +40,7 @@ def import_official(state: dict) -> dict:
 
 @command
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m wcl_fast.export", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m wcl_fast.export", description=__doc__.split("\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a wcl-fast checkpoint.pt to export as a torchvision state dict")
     source.add_argument("--official", help="a reference-code checkpoint to convert to the wcl-fast layout")

@@ -9,7 +9,6 @@ top-1/top-5 are reported over the exact validation set.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 
 from wcl_fast import dist as wdist
 from pipelines import resolve_backend
-from wcl_fast.cli import command
+from wcl_fast.cli import ArgumentParser, command
 from wcl_fast.config import Config, ConfigError, check_paths, load_config
 
 
@@ -151,7 +150,7 @@ def finetune(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
 
 @command
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m wcl_fast.finetune", description="Semi-supervised fine-tuning")
+    parser = ArgumentParser(prog="python -m wcl_fast.finetune", description="Semi-supervised fine-tuning")
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. finetune.checkpoint=... finetune.label_fraction=0.1")
     args = parser.parse_args(argv)

@@ -9,7 +9,6 @@ Standalone: python -m wcl_fast.knn --config configs/X.yaml checkpoint=PATH [key=
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
@@ -17,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from wcl_fast import dist as wdist
-from wcl_fast.cli import command
+from wcl_fast.cli import ArgumentParser, command
 
 
 @torch.no_grad()
@@ -133,7 +132,7 @@ def main(argv=None) -> int:
     from wcl_fast.config import check_paths, load_config, to_dict
     from wcl_fast.model import build_encoder
 
-    parser = argparse.ArgumentParser(description="Weighted kNN evaluation of a WCL encoder")
+    parser = ArgumentParser(prog="python -m wcl_fast.knn", description="Weighted kNN evaluation of a WCL encoder")
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*", help="key=value; checkpoint=PATH selects the weights (default: untrained)")
     args = parser.parse_args(argv)

@@ -10,7 +10,6 @@ is the result, the best epoch is reported too, labelled as such.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -24,7 +23,7 @@ from torch.utils.data import Dataset
 
 from wcl_fast import dist as wdist
 from pipelines import resolve_backend
-from wcl_fast.cli import command
+from wcl_fast.cli import ArgumentParser, command
 from wcl_fast.config import Config, check_out_dir, check_paths, load_config
 from wcl_fast.knn import extract_all
 
@@ -166,7 +165,7 @@ def train_linear(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
 
 @command
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m wcl_fast.linear", description="Linear evaluation of a WCL encoder")
+    parser = ArgumentParser(prog="python -m wcl_fast.linear", description="Linear evaluation of a WCL encoder")
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. linear.checkpoint=runs/X/checkpoint.pt")
     args = parser.parse_args(argv)

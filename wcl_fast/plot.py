@@ -7,10 +7,11 @@ colour per run, with a legend; a resumed run's repeated steps are drawn once (th
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
+
+from wcl_fast.cli import ArgumentParser, command
 
 PANELS = (("loss terms", None), ("learning rate", "lr"), ("samples/s", "samples_per_s"),
           ("data-wait (%)", "data_wait"), ("kNN top-1 (%)", "knn_top1"))
@@ -95,8 +96,9 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, labels: list[str] | N
     return out
 
 
+@command
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m wcl_fast.plot", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m wcl_fast.plot", description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", help="run folders (train.out_dir), each with a log.jsonl")
     parser.add_argument("--out", default=None, help="PNG to write (default: RUN_DIR/curves.png of the first run)")
     parser.add_argument("--labels", default=None, help="comma-separated legend names, one per run")

@@ -7,7 +7,6 @@ accumulated on the device and read (`# sync point`) only every `train.log_interv
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import signal
@@ -19,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from wcl_fast import dist as wdist
-from wcl_fast.cli import EXIT_USER
+from wcl_fast.cli import ArgumentParser, EXIT_USER
 from wcl_fast.checkpoint import (CheckpointError, CheckpointWriteError, RunLock, atomic_save, describe_model,
                                  load_checkpoint, load_weights, remove_stale_temporaries, rng_state, set_rng_state)
 from wcl_fast.config import Config, ConfigError, check_out_dir, check_paths, load_config, to_dict, to_yaml
@@ -461,15 +460,15 @@ def run_knn(cfg: Config, model, device, logger: RunLogger, step: int, summary: d
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m wcl_fast.train", description="Train WCL (Zheng et al., ICCV 2021)")
+    parser = ArgumentParser(prog="python -m wcl_fast.train", description="Train WCL (Zheng et al., ICCV 2021)")
     parser.add_argument("--config", required=True, help="YAML experiment file, e.g. configs/imagenet_wcl_200ep.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=100 data.batch_size=1024")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
         cfg = load_config(args.config, args.overrides)
         check_paths(cfg)
         resolve_resume(cfg)
