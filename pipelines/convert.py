@@ -176,6 +176,7 @@ class _WatchedWriter:
             writer.from_indexed_dataset(records, chunksize=64)  # tqdm bar: images/s and ETA
             finished = True
         except _Interrupted:
+            print(file=sys.stderr, flush=True)  # end FFCV's progress bar's line: the error is a line of its own
             raise self._describe(samples) from None
         finally:
             done.set()
@@ -207,8 +208,11 @@ class _WatchedWriter:
 
 def convert(src: str, out: str, max_resolution: int | None = 512, jpeg_quality: int = 90, write_mode: str = "jpg",
             workers: int = 1, force: bool = False, quiet: bool = False) -> dict:
+    from pipelines.ffcv import keep_torch_threads
+
     try:
-        from ffcv.fields import IntField, RGBImageField
+        with keep_torch_threads():
+            from ffcv.fields import IntField, RGBImageField
     except ImportError:
         raise ConfigError("FFCV is not installed: 'make install' installs it with its system libraries "
                           "(pkg-config libturbojpeg0-dev libopencv-dev), or pip install ffcv==1.0.2 after those") from None

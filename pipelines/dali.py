@@ -435,13 +435,16 @@ class DaliEvalLoader:
     def __len__(self) -> int:
         return (len(self.indices) + self.batch_size - 1) // self.batch_size
 
-    _read = DaliMultiCropLoader._read
+    def _read_or_none(self, index: int):
+        """(bytes, width, height, index, label), or None for an unreadable file."""
+        read = self.source.read_or_none(index)
+        return None if read is None else (*read[0], index, read[1])
 
     def __iter__(self):
         """An unreadable image is left out and counted in batch.failed (never replaced by another one)."""
         for start in range(0, len(self.indices), self.batch_size):
             chunk = self.indices[start:start + self.batch_size]
-            reads = [r for r, i in zip(self.pool.map(self._read, chunk), chunk) if r[3] == i]
+            reads = [r for r in self.pool.map(self._read_or_none, chunk) if r is not None]
             failed = len(chunk) - len(reads)
             if not reads:
                 yield MultiCropBatch(torch.zeros(0, 3, self.cfg.eval_crop, self.cfg.eval_crop), None,

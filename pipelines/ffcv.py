@@ -26,6 +26,7 @@ FFCV pipeline once (one numba compilation).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import replace
 from pathlib import Path
@@ -38,9 +39,23 @@ from pipelines.reference import StepSampler, crop_recipes
 from wcl_fast.config import ConfigError, DataConfig
 
 
+@contextlib.contextmanager
+def keep_torch_threads():
+    """FFCV sets torch's intra-op thread count to its loader's worker count -- to 1 when it is imported, again
+    in every Loader() and at every iter(loader) -- which would silently change the trainer's CPU math (its
+    speed, and on the CPU its exact results). Inside this block, the caller's count is kept."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
 def _import_ffcv():
     try:
-        import ffcv  # noqa: F401
+        with keep_torch_threads():
+            import ffcv  # noqa: F401
     except ImportError:
         raise ConfigError("data.backend=ffcv needs FFCV: 'make install' installs it with its system libraries, "
                           "or apt-get install pkg-config libturbojpeg0-dev libopencv-dev && pip install ffcv==1.0.2") from None
@@ -264,12 +279,13 @@ class FFCVMultiCropLoader:
         scales = [global_recipe.scale] * 2 + [local_recipe.scale] * self.cfg.local_crops
         if self._loader is None or scales != self._scales:  # phase switch: rebuild (one compilation)
             self._order = make_order(self.sampler)
-            self._loader = Loader(self.cfg.beton, batch_size=self.local_batch, num_workers=self.workers,
-                                  order=self._order, drop_last=True, os_cache=self.cfg.os_cache,
-                                  pipelines={"image": [make_decoder(self.sizes, scales, self.seed, self._epoch_cell,
-                                                                          self.decode_each_crop)],
-                                             "label": [IntDecoder(), ToTensor()], "index": [IntDecoder(), ToTensor()]},
-                                  batches_ahead=2)
+            with keep_torch_threads():
+                self._loader = Loader(self.cfg.beton, batch_size=self.local_batch, num_workers=self.workers,
+                                      order=self._order, drop_last=True, os_cache=self.cfg.os_cache,
+                                      pipelines={"image": [make_decoder(self.sizes, scales, self.seed, self._epoch_cell,
+                                                                        self.decode_each_crop)],
+                                                 "label": [IntDecoder(), ToTensor()], "index": [IntDecoder(), ToTensor()]},
+                                      batches_ahead=2)
             self._scales = scales
         return self._loader
 
@@ -282,7 +298,9 @@ class FFCVMultiCropLoader:
         self._epoch_cell[0] = epoch  # before FFCV starts decoding this epoch's batches
         global_recipe, local_recipe = crop_recipes(self.cfg, epoch)
         b = self.local_batch
-        for records, label, index in loader:
+        with keep_torch_threads():
+            batches = iter(loader)
+        for records, label, index in batches:
             records = torch.as_tensor(records).to(self.device, non_blocking=True)  # [b, T] uint8
             views, offset = [], 0
             for size in self.sizes:
@@ -360,14 +378,15 @@ class FFCVEvalLoader:
 
         self.cfg, self.device = cfg, device or torch.device("cpu")
         reader = open_beton(beton, key)  # header + metadata once: count and labels
-        self.count = reader.num_samples
+        self.count = int(reader.num_samples)
         shard = list(shard_range(self.count, rank, world))
         self.batches = (len(shard) + batch_size - 1) // batch_size
         crop = (cfg.eval_crop, cfg.eval_crop)
-        self.loader = Loader(beton, batch_size=batch_size, num_workers=ffcv_workers(cfg), order=OrderOption.SEQUENTIAL,
-                             indices=shard, drop_last=False, os_cache=cfg.os_cache,
-                             pipelines={"image": [_center_crop_decoder_class()(crop, ratio=cfg.eval_crop / cfg.eval_resize)],
-                                        "label": [IntDecoder(), ToTensor()], "index": [IntDecoder(), ToTensor()]})
+        with keep_torch_threads():
+            self.loader = Loader(beton, batch_size=batch_size, num_workers=ffcv_workers(cfg), order=OrderOption.SEQUENTIAL,
+                                 indices=shard, drop_last=False, os_cache=cfg.os_cache,
+                                 pipelines={"image": [_center_crop_decoder_class()(crop, ratio=cfg.eval_crop / cfg.eval_resize)],
+                                            "label": [IntDecoder(), ToTensor()], "index": [IntDecoder(), ToTensor()]})
         labels = reader.metadata["f1"]
         self.classes = beton_classes(beton) or [str(c) for c in range(int(labels.max()) + 1)]
 
@@ -375,7 +394,9 @@ class FFCVEvalLoader:
         return self.batches
 
     def __iter__(self):
-        for images, label, index in self.loader:
+        with keep_torch_threads():
+            batches = iter(self.loader)
+        for images, label, index in batches:
             images = torch.as_tensor(images).to(self.device, non_blocking=True)
             yield MultiCropBatch(_normalise(images, self.cfg.mean, self.cfg.std), None,
                                  torch.as_tensor(index).view(-1).long(), torch.as_tensor(label).view(-1).long(), 0)
@@ -408,10 +429,11 @@ class FFCVLinearLoader:
         self._epoch_cell = np.zeros(1, dtype=np.int64)
         self.size = cfg.global_size
         decoder = make_decoder([self.size], [(0.08, 1.0)], self.stream_seed, self._epoch_cell)
-        self.loader = Loader(cfg.beton, batch_size=batch_size // world, num_workers=ffcv_workers(cfg), order=self._order,
-                             drop_last=True, os_cache=cfg.os_cache,
-                             pipelines={"image": [decoder], "label": [IntDecoder(), ToTensor()],
-                                        "index": [IntDecoder(), ToTensor()]})
+        with keep_torch_threads():
+            self.loader = Loader(cfg.beton, batch_size=batch_size // world, num_workers=ffcv_workers(cfg), order=self._order,
+                                 drop_last=True, os_cache=cfg.os_cache,
+                                 pipelines={"image": [decoder], "label": [IntDecoder(), ToTensor()],
+                                            "index": [IntDecoder(), ToTensor()]})
 
     def __len__(self) -> int:
         return self.sampler.steps_per_epoch
@@ -422,7 +444,9 @@ class FFCVLinearLoader:
         self._order.start_step = start_step
         self.loader.next_epoch = epoch
         self._epoch_cell[0] = epoch
-        for records, label, index in self.loader:
+        with keep_torch_threads():
+            batches = iter(self.loader)
+        for records, label, index in batches:
             b = records.shape[0]
             images = torch.as_tensor(records).to(self.device, non_blocking=True).view(b, self.size, self.size, 3)
             ids = np.asarray(index).reshape(-1)

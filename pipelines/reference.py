@@ -235,20 +235,33 @@ class ImageSource:
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _failed(self, path: str, exc: Exception, instead: str) -> None:
+        if self._warned < 20:
+            self._warned += 1
+            print(f"warning: skipped unreadable image '{path}' ({type(exc).__name__}: {exc}); {instead}", file=sys.stderr)
+
     def read(self, index: int) -> tuple[Image.Image, int, int, int]:
-        """(decoded image, actual index, label, number of unreadable files skipped)."""
+        """(decoded image, actual index, label, number of unreadable files skipped): training, where a
+        batch keeps its size."""
         for attempt in range(MAX_SUBSTITUTIONS):
             actual = (index + attempt) % len(self.samples)
             path, label = self.samples[actual]
             try:
                 return self.decode(path), actual, label, attempt
             except Exception as exc:  # any decoder failure: count it, warn, and use the next sample
-                if self._warned < 20:
-                    self._warned += 1
-                    print(f"warning: skipped unreadable image '{path}' ({type(exc).__name__}: {exc}); "
-                          f"using the next sample instead", file=sys.stderr)
+                self._failed(path, exc, "using the next sample instead")
         raise RuntimeError(f"{MAX_SUBSTITUTIONS} consecutive unreadable images from sample {index} "
                            f"('{self.samples[index][0]}'); check the dataset")
+
+    def read_or_none(self, index: int):
+        """(decoded image, label) of sample index, or None when it is unreadable: evaluation, where an
+        unreadable image is left out and counted, never replaced by another one."""
+        path, label = self.samples[index]
+        try:
+            return self.decode(path), label
+        except Exception as exc:
+            self._failed(path, exc, "left out of the evaluation")
+            return None
 
 
 class MultiCropDataset(Dataset):
@@ -368,11 +381,12 @@ class EvalDataset(Dataset):
         return len(self.source)
 
     def __getitem__(self, index: int):
-        img, actual, label, failed = self.source.read(index)
-        if actual != index:
+        read = self.source.read_or_none(index)
+        if read is None:
             return None
+        img, label = read
         img = TF.center_crop(TF.resize(img, self.cfg.eval_resize), self.cfg.eval_crop)
-        return [to_normalized_tensor(img, self.cfg.mean, self.cfg.std)], [], actual, label, failed
+        return [to_normalized_tensor(img, self.cfg.mean, self.cfg.std)], [], index, label, 0
 
 
 def collate_eval(items) -> MultiCropBatch:

@@ -17,6 +17,23 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# The suite's torch thread count: every test runs with it, and the subprocesses of the bit-exact tests get
+# it through OMP_NUM_THREADS. Importing FFCV directly (as some test modules do at collection) sets torch's
+# count to 1, so it is put back after collection and after every test.
+THREADS = torch.get_num_threads()
+
+
+def pytest_collection_finish(session):
+    torch.set_num_threads(THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _same_thread_count():
+    yield
+    if torch.get_num_threads() != THREADS:
+        torch.set_num_threads(THREADS)
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 

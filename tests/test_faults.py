@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_colour_folder
+from conftest import THREADS, write_colour_folder
 from wcl_fast.config import ConfigError, load_config
 from wcl_fast.train import main as train_main
 from wcl_fast.train import train
@@ -20,7 +20,7 @@ from wcl_fast.train import train
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "cpu_smoke.yaml"
 # the subprocess runs use the thread count of in-process runs: conv results depend on it, bit-exact checks need it
-ENV = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONPATH=str(ROOT))
+ENV = dict(os.environ, OMP_NUM_THREADS=str(THREADS), PYTHONPATH=str(ROOT))
 
 
 def _steps(out_dir) -> list[int]:
