@@ -40,14 +40,18 @@ def temp_name_prefix(path: Path) -> str:
     return f".{path.name}."
 
 
-def atomic_save(obj, path: str | os.PathLike) -> None:
-    """torch.save to `path` so that a crash never leaves a partial file under that name.
+def atomic_save(obj, path: str | os.PathLike, serialise=None) -> None:
+    """torch.save (or serialise(obj) -> bytes) to `path` so that a crash never leaves a partial file
+    under that name.
 
     The object is serialised into memory first, so that a failing write surfaces as the operating
     system's error (ENOSPC, EIO, EFBIG) instead of the zip writer's 'unexpected pos'."""
     path = Path(path)
     buffer = io.BytesIO()
-    torch.save(obj, buffer)
+    if serialise is None:
+        torch.save(obj, buffer)
+    else:
+        buffer.write(serialise(obj))
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
