@@ -1,7 +1,8 @@
-"""ImageFolder -> FFCV .beton (image, label, sample index), for data.backend=ffcv.
+"""ImageFolder -> FFCV .beton (image, label), for data.backend=ffcv and for stock FFCV code.
 
     python -m pipelines.convert --src /data/imagenet/train --out /data/imagenet/train_512.beton \
         [--max-resolution 512] [--jpeg-quality 90] [--write-mode jpg|raw|proportion] [--workers N] [--force]
+        [--index-field]
 
 1. Validates the source: class folders (sorted, ids as the reference loader / torchvision assign
    them), empty class folders and non-image files are reported; every image is fully decoded once
@@ -10,8 +11,9 @@
    images are kept.
 2. Writes the readable images with FFCV's DatasetWriter into a temporary file next to --out and
    renames it only on success, so an interrupted conversion never leaves a file that looks complete.
-   Fields: `image` (RGBImageField, longest side capped at --max-resolution), `label` (class id),
-   `index` (the record's position 0..n-1, the sample id objectives such as Cl-InfoNCE use).
+   Fields: `image` (RGBImageField, longest side capped at --max-resolution) and `label` (class id), so
+   that stock FFCV code reads (image, label); the project's loaders take the sample id from the record
+   position. --index-field adds `index` (the record's position 0..n-1) for code that wants it stored.
 3. Writes <out>.json beside it: source, classes, the relative path of every record (record i is
    paths[i]), skipped files with reasons, settings, images/s.
 """
@@ -84,11 +86,12 @@ def fit_resolution(image: np.ndarray, max_resolution: int | None) -> np.ndarray:
 
 
 class _Records:
-    """Indexed dataset for FFCV's writer: record i -> (RGB uint8 HWC, class id, i). In a watched writer
+    """Indexed dataset for FFCV's writer: record i -> (RGB uint8 HWC, class id[, i]). In a watched writer
     worker it first notes i as the record this worker is on."""
 
-    def __init__(self, samples: list[tuple[str, int]], max_resolution: int | None, current=None):
+    def __init__(self, samples: list[tuple[str, int]], max_resolution: int | None, current=None, index_field=False):
         self.samples, self.max_resolution, self.current = samples, max_resolution, current
+        self.index_field = index_field
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -97,7 +100,8 @@ class _Records:
         if self.current is not None and _SLOT is not None:
             self.current[_SLOT] = i
         path, label = self.samples[i]
-        return fit_resolution(np.asarray(load_rgb(path)), self.max_resolution), label, i
+        image = fit_resolution(np.asarray(load_rgb(path)), self.max_resolution)
+        return (image, label, i) if self.index_field else (image, label)
 
 
 class WriterFailed(ConfigError):
@@ -207,7 +211,7 @@ class _WatchedWriter:
 
 
 def convert(src: str, out: str, max_resolution: int | None = 512, jpeg_quality: int = 90, write_mode: str = "jpg",
-            workers: int = 1, force: bool = False, quiet: bool = False) -> dict:
+            workers: int = 1, force: bool = False, quiet: bool = False, index_field: bool = False) -> dict:
     from pipelines.ffcv import keep_torch_threads
 
     try:
@@ -239,11 +243,11 @@ def convert(src: str, out: str, max_resolution: int | None = 512, jpeg_quality: 
     tmp = out_path.with_name(f".{out_path.name}.partial-{os.getpid()}")
     fields = {"image": RGBImageField(write_mode="proportion" if write_mode == "proportion" else write_mode,
                                      max_resolution=max_resolution, jpeg_quality=jpeg_quality),
-              "label": IntField(), "index": IntField()}
+              "label": IntField(), **({"index": IntField()} if index_field else {})}
     write_start = time.perf_counter()
     watched = _WatchedWriter(max(1, workers))
     try:
-        watched.write(str(tmp), fields, _Records(good, max_resolution, watched.current), good)
+        watched.write(str(tmp), fields, _Records(good, max_resolution, watched.current, index_field), good)
         os.replace(tmp, out_path)
     finally:
         if tmp.exists():
@@ -253,7 +257,7 @@ def convert(src: str, out: str, max_resolution: int | None = 512, jpeg_quality: 
                "paths": [str(Path(p).relative_to(src_path)) for p, _ in good],
                "skipped": [{"path": p, "reason": r} for p, r in skipped], "empty_classes": empty,
                "ignored_files": other, "max_resolution": max_resolution, "jpeg_quality": jpeg_quality,
-               "write_mode": write_mode, "workers": workers, "write_images_per_s": len(good) / max(seconds, 1e-9),
+               "write_mode": write_mode, "fields": list(fields), "workers": workers, "write_images_per_s": len(good) / max(seconds, 1e-9),
                "total_s": time.perf_counter() - start}
     tmp_json = out_path.with_name(f".{out_path.name}.json.partial-{os.getpid()}")
     tmp_json.write_text(json.dumps(summary, indent=1))
@@ -273,8 +277,11 @@ def main(argv=None) -> int:
     parser.add_argument("--write-mode", default="jpg", choices=["jpg", "raw", "proportion"])
     parser.add_argument("--workers", type=at_least(1), default=max(1, (os.cpu_count() or 2) - 1))
     parser.add_argument("--force", action="store_true", help="overwrite --out")
+    parser.add_argument("--index-field", action="store_true",
+                        help="also store each record's position as a field 'index' (wcl-fast does not need it)")
     args = parser.parse_args(argv)
-    convert(args.src, args.out, args.max_resolution or None, args.jpeg_quality, args.write_mode, args.workers, args.force)
+    convert(args.src, args.out, args.max_resolution or None, args.jpeg_quality, args.write_mode, args.workers, args.force,
+            index_field=args.index_field)
     return 0
 
 

@@ -201,7 +201,7 @@ def make_order(sampler: StepSampler, ids: list[int] | None = None):
     return StepOrder()
 
 
-def open_beton(path: str, key: str = "data.beton"):
+def open_beton(path: str, key: str = "data.beton", cfg: DataConfig | None = None):
     """FFCV's Reader of a .beton, after checking the file's layout, so that a missing, empty, truncated
     or foreign file is one error naming the key and the file (FFCV itself asserts, or reads past the end
     of the file at the first batch). Layout (FFCV 1.0): a header (format version, field count, record
@@ -240,7 +240,72 @@ def open_beton(path: str, key: str = "data.beton"):
     entries = reader.alloc_table
     if reader.metadata.shape[0] != records or (len(entries) and int((entries["ptr"] + entries["size"]).max()) > table):
         raise bad(f"truncated: it declares {records} records whose data run past its end")
+    if cfg is not None:
+        beton_fields(reader, path, key, cfg)
     return reader
+
+
+def beton_fields(reader, path: str, key: str, cfg: DataConfig) -> tuple[str, str]:
+    """(image field, label field) of a .beton: data.beton_image_field must be an RGB image field and
+    data.beton_label_field an integer field; one error naming the file and its fields otherwise."""
+    from ffcv.fields import IntField, RGBImageField
+
+    kinds = {name: type(handler).__name__ for name, handler in reader.handlers.items()}
+    have = ", ".join(f"{name} ({kind})" for name, kind in kinds.items())
+    for option, name, kind in (("data.beton_image_field", cfg.beton_image_field, RGBImageField),
+                               ("data.beton_label_field", cfg.beton_label_field, IntField)):
+        if not isinstance(reader.handlers.get(name), kind):
+            candidates = [n for n, h in reader.handlers.items() if isinstance(h, kind)]
+            hint = f"set {option}={candidates[0]}" if candidates else f"write the file with a {kind.__name__}"
+            raise ConfigError(f"{key}: '{path}' has no {kind.__name__} named '{name}' ({option}); its fields: "
+                              f"{have}; {hint}")
+    return cfg.beton_image_field, cfg.beton_label_field
+
+
+def beton_labels(reader, cfg: DataConfig) -> np.ndarray:
+    """The label field's values in record order (from the file's metadata, no decoding)."""
+    return np.asarray(reader.metadata[f"f{reader.field_names.index(cfg.beton_label_field)}"])
+
+
+@functools.lru_cache(maxsize=None)
+def _record_id_decoder_class():
+    from ffcv.fields.basics import IntDecoder
+
+    class RecordIdDecoder(IntDecoder):
+        """Decodes nothing: writes each sample's record position (its id) -- FFCV hands every decoder the
+        batch's record positions -- so a .beton needs no stored index field."""
+
+        def generate_code(self):
+            def decoder(indices, destination, metadata, storage_state):
+                for ix, sample_id in enumerate(indices):
+                    destination[ix] = sample_id
+                return destination[:len(indices)]
+
+            return decoder
+
+    return RecordIdDecoder
+
+
+def loader_pipelines(reader, cfg: DataConfig, image_ops: list) -> tuple[dict, list[str]]:
+    """FFCV Loader pipelines that yield (image, label, record id) from any .beton with an image and a
+    label field (other fields are not read), and the order of the names in FFCV's output tuples."""
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.pipeline import PipelineSpec
+    from ffcv.transforms import ToTensor
+
+    image, label = cfg.beton_image_field, cfg.beton_label_field
+    pipelines = {name: None for name in reader.field_names}  # None: the field is not decoded
+    pipelines[image] = image_ops
+    pipelines[label] = [IntDecoder(), ToTensor()]
+    pipelines["__record__"] = PipelineSpec(label, decoder=_record_id_decoder_class()(), transforms=[ToTensor()])
+    order = [name for name in reader.field_names if pipelines[name] is not None] + ["__record__"]
+    return pipelines, order
+
+
+def _unpack(batch, order: list[str], cfg: DataConfig):
+    """(image, label, record id) of one FFCV output tuple."""
+    named = dict(zip(order, batch))
+    return named[cfg.beton_image_field], named[cfg.beton_label_field], named["__record__"]
 
 
 class FFCVMultiCropLoader:
@@ -255,7 +320,8 @@ class FFCVMultiCropLoader:
         self.decode_each_crop, self.augment, self.augment_impl = decode_each_crop, augment, augment_impl
         self.cfg, self.seed, self.rank = cfg, seed, rank
         self.device = device or torch.device("cpu")
-        self.num_records = int(open_beton(cfg.beton, "data.beton").num_samples)
+        self._reader = open_beton(cfg.beton, "data.beton", cfg)
+        self.num_records = int(self._reader.num_samples)
         self.sampler = StepSampler(self.num_records, cfg.batch_size, rank, world, seed)
         self.local_batch = cfg.batch_size // world
         self.sizes = [cfg.global_size] * 2 + [cfg.local_size] * cfg.local_crops
@@ -271,21 +337,18 @@ class FFCVMultiCropLoader:
         return self.num_records
 
     def _ffcv_loader(self, epoch: int):
-        from ffcv.fields.basics import IntDecoder
         from ffcv.loader import Loader
-        from ffcv.transforms import ToTensor
 
         global_recipe, local_recipe = crop_recipes(self.cfg, epoch)
         scales = [global_recipe.scale] * 2 + [local_recipe.scale] * self.cfg.local_crops
         if self._loader is None or scales != self._scales:  # phase switch: rebuild (one compilation)
             self._order = make_order(self.sampler)
+            decoder = make_decoder(self.sizes, scales, self.seed, self._epoch_cell, self.decode_each_crop)
+            pipelines, self._fields = loader_pipelines(self._reader, self.cfg, [decoder])
             with keep_torch_threads():
                 self._loader = Loader(self.cfg.beton, batch_size=self.local_batch, num_workers=self.workers,
                                       order=self._order, drop_last=True, os_cache=self.cfg.os_cache,
-                                      pipelines={"image": [make_decoder(self.sizes, scales, self.seed, self._epoch_cell,
-                                                                        self.decode_each_crop)],
-                                                 "label": [IntDecoder(), ToTensor()], "index": [IntDecoder(), ToTensor()]},
-                                      batches_ahead=2)
+                                      pipelines=pipelines, batches_ahead=2)
             self._scales = scales
         return self._loader
 
@@ -300,7 +363,8 @@ class FFCVMultiCropLoader:
         b = self.local_batch
         with keep_torch_threads():
             batches = iter(loader)
-        for records, label, index in batches:
+        for batch in batches:
+            records, label, index = _unpack(batch, self._fields, self.cfg)
             records = torch.as_tensor(records).to(self.device, non_blocking=True)  # [b, T] uint8
             views, offset = [], 0
             for size in self.sizes:
@@ -370,24 +434,22 @@ class FFCVEvalLoader:
     def __init__(self, cfg: DataConfig, beton: str, batch_size: int, rank: int, world: int,
                  device: torch.device | None = None, key: str = "data.val_beton"):
         _import_ffcv()
-        from ffcv.fields.basics import IntDecoder
         from ffcv.loader import Loader, OrderOption
-        from ffcv.transforms import ToTensor
 
         from pipelines.reference import shard_range
 
         self.cfg, self.device = cfg, device or torch.device("cpu")
-        reader = open_beton(beton, key)  # header + metadata once: count and labels
+        reader = open_beton(beton, key, cfg)  # header + metadata once: count and labels
         self.count = int(reader.num_samples)
         shard = list(shard_range(self.count, rank, world))
         self.batches = (len(shard) + batch_size - 1) // batch_size
         crop = (cfg.eval_crop, cfg.eval_crop)
+        pipelines, self._fields = loader_pipelines(
+            reader, cfg, [_center_crop_decoder_class()(crop, ratio=cfg.eval_crop / cfg.eval_resize)])
         with keep_torch_threads():
             self.loader = Loader(beton, batch_size=batch_size, num_workers=ffcv_workers(cfg), order=OrderOption.SEQUENTIAL,
-                                 indices=shard, drop_last=False, os_cache=cfg.os_cache,
-                                 pipelines={"image": [_center_crop_decoder_class()(crop, ratio=cfg.eval_crop / cfg.eval_resize)],
-                                            "label": [IntDecoder(), ToTensor()], "index": [IntDecoder(), ToTensor()]})
-        labels = reader.metadata["f1"]
+                                 indices=shard, drop_last=False, os_cache=cfg.os_cache, pipelines=pipelines)
+        labels = beton_labels(reader, cfg)
         self.classes = beton_classes(beton) or [str(c) for c in range(int(labels.max()) + 1)]
 
     def __len__(self) -> int:
@@ -396,7 +458,8 @@ class FFCVEvalLoader:
     def __iter__(self):
         with keep_torch_threads():
             batches = iter(self.loader)
-        for images, label, index in batches:
+        for batch in batches:
+            images, label, index = _unpack(batch, self._fields, self.cfg)
             images = torch.as_tensor(images).to(self.device, non_blocking=True)
             yield MultiCropBatch(_normalise(images, self.cfg.mean, self.cfg.std), None,
                                  torch.as_tensor(index).view(-1).long(), torch.as_tensor(label).view(-1).long(), 0)
@@ -414,26 +477,24 @@ class FFCVLinearLoader:
     def __init__(self, cfg: DataConfig, seed: int, rank: int, world: int, batch_size: int,
                  subset: list[int] | None = None, device: torch.device | None = None):
         _import_ffcv()
-        from ffcv.fields.basics import IntDecoder
         from ffcv.loader import Loader
-        from ffcv.transforms import ToTensor
 
         from pipelines.keyed_random import keys
 
         self.cfg, self.seed, self.rank = cfg, seed, rank
         self.stream_seed = int(keys(seed, self.STREAM).view(np.int64)[0])
         self.device = device or torch.device("cpu")
-        count = len(subset) if subset is not None else int(open_beton(cfg.beton, "data.beton").num_samples)
+        reader = open_beton(cfg.beton, "data.beton", cfg)
+        count = len(subset) if subset is not None else int(reader.num_samples)
         self.sampler = StepSampler(count, batch_size, rank, world, seed)
         self._order = make_order(self.sampler, subset)
         self._epoch_cell = np.zeros(1, dtype=np.int64)
         self.size = cfg.global_size
         decoder = make_decoder([self.size], [(0.08, 1.0)], self.stream_seed, self._epoch_cell)
+        pipelines, self._fields = loader_pipelines(reader, cfg, [decoder])
         with keep_torch_threads():
             self.loader = Loader(cfg.beton, batch_size=batch_size // world, num_workers=ffcv_workers(cfg), order=self._order,
-                                 drop_last=True, os_cache=cfg.os_cache,
-                                 pipelines={"image": [decoder], "label": [IntDecoder(), ToTensor()],
-                                            "index": [IntDecoder(), ToTensor()]})
+                                 drop_last=True, os_cache=cfg.os_cache, pipelines=pipelines)
 
     def __len__(self) -> int:
         return self.sampler.steps_per_epoch
@@ -446,7 +507,8 @@ class FFCVLinearLoader:
         self._epoch_cell[0] = epoch
         with keep_torch_threads():
             batches = iter(self.loader)
-        for records, label, index in batches:
+        for batch in batches:
+            records, label, index = _unpack(batch, self._fields, self.cfg)
             b = records.shape[0]
             images = torch.as_tensor(records).to(self.device, non_blocking=True).view(b, self.size, self.size, 3)
             ids = np.asarray(index).reshape(-1)
@@ -457,15 +519,22 @@ class FFCVLinearLoader:
                                  torch.as_tensor(index).view(-1).long(), torch.as_tensor(label).view(-1).long(), 0)
 
 
-def beton_samples(beton: str) -> tuple[list[tuple[str, int]], list[str], str]:
-    """(samples [(source path, label)] in record order, class names, source folder) of a .beton from its
-    sidecar JSON (written by pipelines.convert) and its label field."""
+def beton_samples(beton: str, cfg: DataConfig | None = None, need_paths: bool = False
+                  ) -> tuple[list[tuple[str, int]], list[str], str]:
+    """(samples [(source path, label)] in record order, class names, source folder) of a .beton: paths and
+    class names from its sidecar JSON (written by pipelines.convert); a file without one (another tool's)
+    gets 'record <i>' names and class names '0', '1', ... unless need_paths asks for the real paths."""
     import json
 
-    reader = open_beton(beton, "data.beton")
+    cfg = cfg or DataConfig()
+    reader = open_beton(beton, "data.beton", cfg)
+    labels = beton_labels(reader, cfg).tolist()
     side = Path(beton + ".json")
     if not side.is_file():
-        raise ConfigError(f"data.beton: '{beton}' has no sidecar '{side}'; write the file with python -m pipelines.convert")
+        if need_paths:
+            raise ConfigError(f"data.beton: '{beton}' has no sidecar '{side}' mapping records to image paths, which "
+                              f"finetune.subset_file needs; use finetune.label_fraction, or write the file with "
+                              f"python -m pipelines.convert")
+        return ([(f"record {i}", int(l)) for i, l in enumerate(labels)], [str(c) for c in range(max(labels) + 1)], "")
     info = json.loads(side.read_text())
-    labels = reader.metadata["f1"].tolist()
     return [(str(Path(info["source"]) / p), int(l)) for p, l in zip(info["paths"], labels)], info["classes"], info["source"]

@@ -35,7 +35,8 @@ def test_round_trip_labels_indices_and_pixels(tmp_path):
     from ffcv.reader import Reader
 
     src = _digits(tmp_path / "src")
-    summary = convert(str(src), str(tmp_path / "d.beton"), max_resolution=64, write_mode="raw", workers=2, quiet=True)
+    summary = convert(str(src), str(tmp_path / "d.beton"), max_resolution=64, write_mode="raw", workers=2, quiet=True,
+                      index_field=True)
     assert summary["count"] == 24 and summary["skipped"] == [] and summary["classes"] == ["0", "1", "2"]
     reader = Reader(str(tmp_path / "d.beton"))
     meta = reader.metadata
@@ -98,3 +99,23 @@ def test_interrupted_conversion_leaves_no_complete_looking_file(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # a hard kill mid-way: no cleanup code runs
     proc.wait()
     assert not out.exists() and not (tmp_path / "big.beton.json").exists()
+
+
+def test_the_default_file_is_what_stock_ffcv_code_reads_as_image_label(tmp_path):
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+
+    from pipelines.ffcv import keep_torch_threads, open_beton
+
+    src = _digits(tmp_path / "src")
+    out = tmp_path / "d.beton"
+    summary = convert(str(src), str(out), write_mode="raw", workers=1, quiet=True)
+    assert summary["fields"] == ["image", "label"] and open_beton(str(out)).field_names == ["image", "label"]
+    with keep_torch_threads():
+        loader = Loader(str(out), batch_size=8, num_workers=1, order=OrderOption.SEQUENTIAL,
+                        pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()]})
+        labels = []
+        for images, label in loader:  # stock code unpacks two values
+            labels += label.reshape(-1).tolist()
+    assert labels == [int(Path(p).parts[0]) for p in summary["paths"]]

@@ -55,6 +55,10 @@ class DataConfig:
     train_dir: str = ""  # ImageFolder: one sub-folder per class
     beton: str = ""  # backend ffcv: the training .beton (python -m pipelines.convert)
     val_beton: str = ""  # backend ffcv: the validation .beton for evaluation ("" = read data.val_dir)
+    # backend ffcv: the names of the RGB image field and the integer label field in the .beton files (any
+    # writer's; ffcv-imagenet's and pipelines.convert's are image / label); the sample id is the record position
+    beton_image_field: str = "image"
+    beton_label_field: str = "label"
     # backend dali: where the colour/blur/flip augmentations run. graph: inside the DALI graph (on the GPU
     # with one); host: DALI decodes and cuts the crops, the fused CPU kernel of pipelines/cpu_augment.py
     # augments them (fast without a GPU); auto: graph on a GPU, host on the CPU.
@@ -467,7 +471,7 @@ def check_paths(cfg: Config, need_val: bool | None = None) -> None:
 
         for key in ("data.beton", "data.val_beton"):
             if getattr(cfg.data, key.split(".")[1]):
-                open_beton(getattr(cfg.data, key.split(".")[1]), key)
+                open_beton(getattr(cfg.data, key.split(".")[1]), key, cfg.data)
     keys = ([] if ffcv else [("data.train_dir", cfg.data.train_dir)]) + \
         ([("data.val_dir", cfg.data.val_dir)] if need_val and not (ffcv and cfg.data.val_beton) else [])
     for key, value in keys:

@@ -87,7 +87,7 @@ def finetune(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
     if cfg.data.backend == "ffcv":  # records of data.beton, paths from its sidecar
         from pipelines.ffcv import beton_samples
 
-        samples, classes, root = beton_samples(cfg.data.beton)
+        samples, classes, root = beton_samples(cfg.data.beton, cfg.data, need_paths=bool(ft.subset_file))
     else:
         samples, classes, decode = load_split(cfg.data, cfg.data.train_dir, "data.train_dir")
         root = cfg.data.train_dir

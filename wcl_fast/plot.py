@@ -16,7 +16,7 @@ from wcl_fast.cli import ArgumentParser, command
 PANELS = (("loss terms", None), ("learning rate", "lr"), ("samples/s", "samples_per_s"),
           ("data-wait (%)", "data_wait"), ("kNN top-1 (%)", "knn_top1"))
 NOT_LOSS_TERMS = {"step", "time", "lr", "epoch", "samples_per_s", "data_wait", "failed_images", "skipped_steps",
-                  "knn_top1", "knn_top5", "replica_divergence", "knn_unconverged"}
+                  "knn_top1", "knn_top5", "knn_count", "knn_unreadable", "replica_divergence", "knn_unconverged"}
 
 
 class PlotError(ValueError):

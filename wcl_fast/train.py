@@ -454,7 +454,8 @@ def run_knn(cfg: Config, model, device, logger: RunLogger, step: int, summary: d
 
     result = evaluate_knn(model.net, cfg, device)
     summary["knn_top1"], summary["knn_top5"] = result["top1"], result["top5"]
-    logger.scalars(step, {"knn_top1": result["top1"], "knn_top5": result["top5"]})
+    logger.scalars(step, {"knn_top1": result["top1"], "knn_top5": result["top5"], "knn_count": result["count"],
+                          "knn_unreadable": result["skipped"]})
     logger.info(f"kNN monitor (k={cfg.knn.k}, T={cfg.knn.temperature}, {result['count']} test images): "
                 f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%")
 
