@@ -2,7 +2,7 @@
 
     python -m pipelines.convert --src /data/imagenet/train --out /data/imagenet/train_512.beton \
         [--max-resolution 512] [--jpeg-quality 90] [--write-mode jpg|raw|proportion] [--workers N] [--force]
-        [--index-field]
+        [--compress-probability 0.5] [--index-field]
 
 1. Validates the source: class folders (sorted, ids as the reference loader / torchvision assign
    them), empty class folders and non-image files are reported; every image is fully decoded once
@@ -211,7 +211,8 @@ class _WatchedWriter:
 
 
 def convert(src: str, out: str, max_resolution: int | None = 512, jpeg_quality: int = 90, write_mode: str = "jpg",
-            workers: int = 1, force: bool = False, quiet: bool = False, index_field: bool = False) -> dict:
+            workers: int = 1, force: bool = False, quiet: bool = False, index_field: bool = False,
+            compress_probability: float = 0.5) -> dict:
     from pipelines.ffcv import keep_torch_threads
 
     try:
@@ -242,7 +243,8 @@ def convert(src: str, out: str, max_resolution: int | None = 512, jpeg_quality: 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.partial-{os.getpid()}")
     fields = {"image": RGBImageField(write_mode="proportion" if write_mode == "proportion" else write_mode,
-                                     max_resolution=max_resolution, jpeg_quality=jpeg_quality),
+                                     max_resolution=max_resolution, jpeg_quality=jpeg_quality,
+                                     compress_probability=compress_probability),
               "label": IntField(), **({"index": IntField()} if index_field else {})}
     write_start = time.perf_counter()
     watched = _WatchedWriter(max(1, workers))
@@ -257,6 +259,7 @@ def convert(src: str, out: str, max_resolution: int | None = 512, jpeg_quality: 
                "paths": [str(Path(p).relative_to(src_path)) for p, _ in good],
                "skipped": [{"path": p, "reason": r} for p, r in skipped], "empty_classes": empty,
                "ignored_files": other, "max_resolution": max_resolution, "jpeg_quality": jpeg_quality,
+               "compress_probability": compress_probability if write_mode == "proportion" else None,
                "write_mode": write_mode, "fields": list(fields), "workers": workers, "write_images_per_s": len(good) / max(seconds, 1e-9),
                "total_s": time.perf_counter() - start}
     tmp_json = out_path.with_name(f".{out_path.name}.json.partial-{os.getpid()}")
@@ -275,13 +278,17 @@ def main(argv=None) -> int:
     parser.add_argument("--max-resolution", type=at_least(0), default=512, help="longest side cap (0 = keep)")
     parser.add_argument("--jpeg-quality", type=between(1, 100), default=90)
     parser.add_argument("--write-mode", default="jpg", choices=["jpg", "raw", "proportion"])
+    parser.add_argument("--compress-probability", type=float, default=0.5,
+                        help="proportion mode: the share of images stored as JPEG, the rest raw (ffcv-imagenet: 0.5)")
     parser.add_argument("--workers", type=at_least(1), default=max(1, (os.cpu_count() or 2) - 1))
     parser.add_argument("--force", action="store_true", help="overwrite --out")
     parser.add_argument("--index-field", action="store_true",
                         help="also store each record's position as a field 'index' (wcl-fast does not need it)")
     args = parser.parse_args(argv)
+    if not 0 <= args.compress_probability <= 1:
+        raise ConfigError(f"--compress-probability must be in [0, 1], got {args.compress_probability}")
     convert(args.src, args.out, args.max_resolution or None, args.jpeg_quality, args.write_mode, args.workers, args.force,
-            index_field=args.index_field)
+            index_field=args.index_field, compress_probability=args.compress_probability)
     return 0
 
 

@@ -341,6 +341,8 @@ BAD_ARGUMENTS = [
     ("pipelines.convert", ["--src", "{folder}", "--out", "{tmp}/x.beton", "--jpeg-quality", "101"], "--jpeg-quality"),
     ("pipelines.convert", ["--src", "{folder}", "--out", "{tmp}/x.beton", "--workers", "0"], "--workers"),
     ("pipelines.convert", ["--out", "{tmp}/x.beton"], "--src"),
+    ("pipelines.convert", ["--src", "{folder}", "--out", "{tmp}/x.beton", "--compress-probability", "2"],
+     "--compress-probability"),
     ("pipelines.convert", ["--src", "{tmp}/none", "--out", "{tmp}/x.beton"], "--src"),
     ("pipelines.bench", ["--batch", "0"], "--batch"),
     ("pipelines.bench", ["--backend", "bogus"], "--backend"),

@@ -119,3 +119,16 @@ def test_the_default_file_is_what_stock_ffcv_code_reads_as_image_label(tmp_path)
         for images, label in loader:  # stock code unpacks two values
             labels += label.reshape(-1).tolist()
     assert labels == [int(Path(p).parts[0]) for p in summary["paths"]]
+
+
+@pytest.mark.parametrize("probability,mode", [(0.0, "raw"), (1.0, "jpg")])
+def test_compress_probability_sets_the_share_of_jpeg_records(tmp_path, probability, mode):
+    from ffcv.fields.rgb_image import IMAGE_MODES
+
+    from pipelines.ffcv import open_beton
+
+    src = _digits(tmp_path / "src")
+    out = tmp_path / "p.beton"
+    summary = convert(str(src), str(out), write_mode="proportion", compress_probability=probability, workers=1, quiet=True)
+    assert summary["compress_probability"] == probability
+    assert set(open_beton(str(out)).metadata["f0"]["mode"].tolist()) == {IMAGE_MODES[mode]}
