@@ -130,5 +130,84 @@ def load_split(cfg, directory: str, key: str, pretraining: bool = False):
     if dataset == "tinyimagenet" and not train:
         samples, classes = _tiny_imagenet_val(directory, key)
         return samples, classes, load_rgb
+    if not train and cfg.val_labels:
+        samples, classes = flat_val_split(directory, cfg.val_labels, cfg.val_synsets, cfg.train_dir, key)
+        return samples, classes, load_rgb
     samples, classes = scan_image_folder(directory, key)
     return samples, classes, load_rgb
+
+
+def _read_synset_ids(path: str) -> list[str]:
+    """WNIDs in ILSVRC2012 id order (id 1 first) from the devkit's meta.mat (its `synsets` table; the
+    1,000 leaf classes are ids 1..1000) or from a text file with one WNID first on each line in id order."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"data.val_synsets: '{path}' does not exist; give the devkit's data/meta.mat or a file "
+                          f"with one WNID per line in ILSVRC2012 id order")
+    if file.suffix == ".mat":
+        from scipy.io import loadmat
+
+        try:
+            synsets = loadmat(str(file), squeeze_me=True)["synsets"]
+            ids = [int(s["ILSVRC2012_ID"]) for s in synsets]
+            wnids = [str(s["WNID"]) for s in synsets]
+        except Exception as exc:
+            raise ConfigError(f"data.val_synsets: '{path}' is not the devkit's meta.mat ({type(exc).__name__}: "
+                              f"{exc})") from None
+        table = dict(zip(ids, wnids))
+        return [table[i] for i in sorted(table)]
+    return [line.split()[0] for line in file.read_text().splitlines() if line.strip()]
+
+
+def flat_val_split(directory: str, labels: str, synsets: str, train_dir: str, key: str = "data.val_dir"):
+    """(samples, classes) of a flat ImageNet validation folder (ILSVRC2012_val_00000001.JPEG, ...) with labels
+    from data.val_labels: Kaggle's LOC_val_solution.csv (ImageId, PredictionString whose first token is the
+    WNID) or the devkit's ILSVRC2012_validation_ground_truth.txt (one ILSVRC2012 id per line, for the
+    images in file-name order; the ids become WNIDs through data.val_synsets). Class ids follow the sorted
+    WNIDs of data.train_dir's class folders, so validation labels agree with training labels."""
+    folder, labels_file = Path(directory), Path(labels)
+    if not folder.is_dir():
+        raise ConfigError(f"{key}: '{directory}' is not a directory")
+    if not labels_file.is_file():
+        raise ConfigError(f"data.val_labels: '{labels}' does not exist; give LOC_val_solution.csv or "
+                          f"ILSVRC2012_validation_ground_truth.txt")
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not images:
+        raise ConfigError(f"{key}: '{directory}' holds no images (flat validation folder expected with data.val_labels)")
+    text = labels_file.read_text().splitlines()
+    if text and text[0].replace(" ", "").lower().startswith("imageid,predictionstring"):
+        wnid_of = {}
+        for number, line in enumerate(text[1:], 2):
+            if line.strip():
+                name, _, prediction = line.partition(",")
+                if not prediction.split():
+                    raise ConfigError(f"data.val_labels: {labels} line {number}: no synset in {line!r}")
+                wnid_of[name.strip()] = prediction.split()[0]
+    else:
+        if not synsets:
+            raise ConfigError(f"data.val_labels: '{labels}' holds ILSVRC2012 class ids; set data.val_synsets= to the "
+                              f"devkit's data/meta.mat (or a WNID list in id order) to name them")
+        order = _read_synset_ids(synsets)
+        try:
+            ids = [int(line) for line in text if line.strip()]
+        except ValueError:
+            raise ConfigError(f"data.val_labels: '{labels}' is neither LOC_val_solution.csv (header ImageId,"
+                              f"PredictionString) nor a ground-truth file of integer ids") from None
+        if len(ids) != len(images) or min(ids) < 1 or max(ids) > len(order):
+            raise ConfigError(f"data.val_labels: '{labels}' has {len(ids)} ids in 1..{max(ids)} for {len(images)} images "
+                              f"and {len(order)} synsets; the file, the folder and data.val_synsets must match")
+        wnid_of = {image.stem: order[i - 1] for image, i in zip(images, ids)}
+    train = Path(train_dir) if train_dir else None
+    classes = sorted(d.name for d in train.iterdir() if d.is_dir()) if train and train.is_dir() \
+        else sorted(set(wnid_of.values()))
+    index = {name: i for i, name in enumerate(classes)}
+    samples = []
+    for image in images:
+        wnid = wnid_of.get(image.stem)
+        if wnid is None:
+            raise ConfigError(f"data.val_labels: '{labels}' has no label for {image.name}")
+        if wnid not in index:
+            raise ConfigError(f"data.val_labels: class {wnid} of {image.name} is not a class folder of data.train_dir "
+                              f"('{train_dir}')")
+        samples.append((str(image), index[wnid]))
+    return samples, classes

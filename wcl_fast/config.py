@@ -65,6 +65,10 @@ class DataConfig:
     dali_augment: Literal["auto", "graph", "host"] = "auto"
     os_cache: bool = True  # backend ffcv: read through the OS page cache (False: FFCV's own process cache)
     val_dir: str = ""  # ImageFolder used as the kNN / evaluation test split
+    # a flat validation folder (ILSVRC2012_val_*.JPEG) takes its labels from LOC_val_solution.csv or the devkit's
+    # ILSVRC2012_validation_ground_truth.txt (that one with val_synsets: the devkit's data/meta.mat)
+    val_labels: str = ""
+    val_synsets: str = ""
     batch_size: int = 4096  # global batch (all ranks together)
     workers: int = 8  # loader worker processes per rank
     global_size: int = 224
@@ -479,6 +483,22 @@ def check_paths(cfg: Config, need_val: bool | None = None) -> None:
             raise ConfigError(f"config key '{key}' is empty; set {key}=/path/to/imagefolder (one sub-folder per class)")
         if not Path(value).is_dir():
             raise ConfigError(f"{key}: '{value}' is not a directory; set {key}= to an ImageFolder (one sub-folder per class)")
+    if need_val and cfg.data.dataset == "imagefolder" and cfg.data.val_dir and not (ffcv and cfg.data.val_beton):
+        check_val_layout(cfg.data)
+
+
+def check_val_layout(data: DataConfig) -> None:
+    """A flat validation folder needs data.val_labels (checked by reading them now, not at the end of
+    training); class sub-folders need nothing."""
+    folder = Path(data.val_dir)
+    if data.val_labels:
+        from pipelines.datasets import flat_val_split
+
+        flat_val_split(data.val_dir, data.val_labels, data.val_synsets, data.train_dir)
+    elif not any(d.is_dir() for d in folder.iterdir()) and any(p.is_file() for p in folder.iterdir()):
+        raise ConfigError(f"data.val_dir: '{data.val_dir}' is a flat folder of images without class sub-folders; set "
+                          f"data.val_labels=LOC_val_solution.csv (Kaggle) or data.val_labels=ILSVRC2012_validation_"
+                          f"ground_truth.txt data.val_synsets=meta.mat (devkit)")
 
 
 def check_out_dir(value: str, key: str) -> None:
