@@ -424,12 +424,9 @@ class DaliEvalLoader:
 
         _import_dali()
         self.cfg, self.batch_size, self.device_id = cfg, batch_size, device_id
-        if key == "data.val_dir" and cfg.val_labels:  # a flat ImageNet validation folder
-            from pipelines.datasets import flat_val_split
+        from pipelines.datasets import load_split
 
-            self.samples, self.classes = flat_val_split(directory, cfg.val_labels, cfg.val_synsets, cfg.train_dir, key)
-        else:
-            self.samples, self.classes = scan_image_folder(directory, key)
+        self.samples, self.classes, _ = load_split(cfg, directory, key)  # class folders, or a flat val folder
         self.indices = list(shard_range(len(self.samples), rank, world))
         self.pipe = build_eval_pipeline(batch_size, cfg.eval_crop, cfg.mean, cfg.std, max(1, cfg.workers), device_id)
         self.pipe.build()

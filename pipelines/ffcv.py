@@ -245,9 +245,9 @@ def open_beton(path: str, key: str = "data.beton", cfg: DataConfig | None = None
     return reader
 
 
-def beton_fields(reader, path: str, key: str, cfg: DataConfig) -> tuple[str, str]:
-    """(image field, label field) of a .beton: data.beton_image_field must be an RGB image field and
-    data.beton_label_field an integer field; one error naming the file and its fields otherwise."""
+def beton_fields(reader, path: str, key: str, cfg: DataConfig) -> None:
+    """data.beton_image_field must be an RGB image field of the .beton and data.beton_label_field an
+    integer field; one error naming the file and its fields otherwise."""
     from ffcv.fields import IntField, RGBImageField
 
     kinds = {name: type(handler).__name__ for name, handler in reader.handlers.items()}
@@ -259,7 +259,6 @@ def beton_fields(reader, path: str, key: str, cfg: DataConfig) -> tuple[str, str
             hint = f"set {option}={candidates[0]}" if candidates else f"write the file with a {kind.__name__}"
             raise ConfigError(f"{key}: '{path}' has no {kind.__name__} named '{name}' ({option}); its fields: "
                               f"{have}; {hint}")
-    return cfg.beton_image_field, cfg.beton_label_field
 
 
 def beton_labels(reader, cfg: DataConfig) -> np.ndarray:
@@ -302,10 +301,14 @@ def loader_pipelines(reader, cfg: DataConfig, image_ops: list) -> tuple[dict, li
     return pipelines, order
 
 
-def _unpack(batch, order: list[str], cfg: DataConfig):
-    """(image, label, record id) of one FFCV output tuple."""
-    named = dict(zip(order, batch))
-    return named[cfg.beton_image_field], named[cfg.beton_label_field], named["__record__"]
+def _batches(loader, order: list[str], cfg: DataConfig):
+    """(image, label, record id) of each batch of an FFCV loader built with loader_pipelines (FFCV's
+    thread-count change at iter() undone)."""
+    with keep_torch_threads():
+        batches = iter(loader)
+    for batch in batches:
+        named = dict(zip(order, batch))
+        yield named[cfg.beton_image_field], named[cfg.beton_label_field], named["__record__"]
 
 
 class FFCVMultiCropLoader:
@@ -361,10 +364,7 @@ class FFCVMultiCropLoader:
         self._epoch_cell[0] = epoch  # before FFCV starts decoding this epoch's batches
         global_recipe, local_recipe = crop_recipes(self.cfg, epoch)
         b = self.local_batch
-        with keep_torch_threads():
-            batches = iter(loader)
-        for batch in batches:
-            records, label, index = _unpack(batch, self._fields, self.cfg)
+        for records, label, index in _batches(loader, self._fields, self.cfg):
             records = torch.as_tensor(records).to(self.device, non_blocking=True)  # [b, T] uint8
             views, offset = [], 0
             for size in self.sizes:
@@ -456,10 +456,7 @@ class FFCVEvalLoader:
         return self.batches
 
     def __iter__(self):
-        with keep_torch_threads():
-            batches = iter(self.loader)
-        for batch in batches:
-            images, label, index = _unpack(batch, self._fields, self.cfg)
+        for images, label, index in _batches(self.loader, self._fields, self.cfg):
             images = torch.as_tensor(images).to(self.device, non_blocking=True)
             yield MultiCropBatch(_normalise(images, self.cfg.mean, self.cfg.std), None,
                                  torch.as_tensor(index).view(-1).long(), torch.as_tensor(label).view(-1).long(), 0)
@@ -505,10 +502,7 @@ class FFCVLinearLoader:
         self._order.start_step = start_step
         self.loader.next_epoch = epoch
         self._epoch_cell[0] = epoch
-        with keep_torch_threads():
-            batches = iter(self.loader)
-        for batch in batches:
-            records, label, index = _unpack(batch, self._fields, self.cfg)
+        for records, label, index in _batches(self.loader, self._fields, self.cfg):
             b = records.shape[0]
             images = torch.as_tensor(records).to(self.device, non_blocking=True).view(b, self.size, self.size, 3)
             ids = np.asarray(index).reshape(-1)

@@ -473,9 +473,9 @@ def check_paths(cfg: Config, need_val: bool | None = None) -> None:
     if ffcv:  # an empty, truncated or foreign file stops here, not at the first batch or the final kNN
         from pipelines.ffcv import open_beton
 
-        for key in ("data.beton", "data.val_beton"):
-            if getattr(cfg.data, key.split(".")[1]):
-                open_beton(getattr(cfg.data, key.split(".")[1]), key, cfg.data)
+        for key, path in (("data.beton", cfg.data.beton), ("data.val_beton", cfg.data.val_beton)):
+            if path:
+                open_beton(path, key, cfg.data)
     keys = ([] if ffcv else [("data.train_dir", cfg.data.train_dir)]) + \
         ([("data.val_dir", cfg.data.val_dir)] if need_val and not (ffcv and cfg.data.val_beton) else [])
     for key, value in keys:
@@ -490,12 +490,13 @@ def check_paths(cfg: Config, need_val: bool | None = None) -> None:
 def check_val_layout(data: DataConfig) -> None:
     """A flat validation folder needs data.val_labels (checked by reading them now, not at the end of
     training); class sub-folders need nothing."""
-    folder = Path(data.val_dir)
     if data.val_labels:
         from pipelines.datasets import flat_val_split
 
         flat_val_split(data.val_dir, data.val_labels, data.val_synsets, data.train_dir)
-    elif not any(d.is_dir() for d in folder.iterdir()) and any(p.is_file() for p in folder.iterdir()):
+        return
+    entries = list(Path(data.val_dir).iterdir())
+    if entries and not any(entry.is_dir() for entry in entries):
         raise ConfigError(f"data.val_dir: '{data.val_dir}' is a flat folder of images without class sub-folders; set "
                           f"data.val_labels=LOC_val_solution.csv (Kaggle) or data.val_labels=ILSVRC2012_validation_"
                           f"ground_truth.txt data.val_synsets=meta.mat (devkit)")
