@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.reference import IMAGE_EXTENSIONS, load_rgb
+from pipelines.reference import IMAGE_EXTENSIONS, load_rgb, scan_class_folder
 from wcl_fast.cli import ArgumentParser, at_least, between, command
 from wcl_fast.config import ConfigError
 
@@ -41,17 +41,11 @@ def scan_source(src: Path) -> tuple[list[tuple[str, int]], list[str], list[str],
     if not classes:
         raise ConfigError(f"--src: '{src}' has no class sub-folders; expected {src}/<class>/<image>.jpg")
     samples, empty, other = [], [], []
-    for label, name in enumerate(classes):
-        found = 0
-        for path in sorted((src / name).rglob("*")):
-            if not path.is_file():
-                continue
-            if path.suffix.lower() in IMAGE_EXTENSIONS:
-                samples.append((str(path), label))
-                found += 1
-            else:
-                other.append(str(path))
-        if not found:
+    for label, name in enumerate(classes):  # links followed, loops named, unreadable entries kept (then skipped by name)
+        images, others = scan_class_folder(src / name)
+        samples += [(path, label) for path in images]
+        other += others
+        if not images:
             empty.append(name)
     if not samples:
         raise ConfigError(f"--src: '{src}' has class folders but no images ({', '.join(IMAGE_EXTENSIONS)})")

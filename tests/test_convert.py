@@ -132,3 +132,13 @@ def test_compress_probability_sets_the_share_of_jpeg_records(tmp_path, probabili
     summary = convert(str(src), str(out), write_mode="proportion", compress_probability=probability, workers=1, quiet=True)
     assert summary["compress_probability"] == probability
     assert set(open_beton(str(out)).metadata["f0"]["mode"].tolist()) == {IMAGE_MODES[mode]}
+
+
+def test_links_and_loops_in_the_source_are_named_not_lost(tmp_path, capsys):
+    src = _digits(tmp_path / "src", per_class=2, classes=2)
+    gone = src / "0" / "gone.jpg"
+    gone.symlink_to(tmp_path / "nowhere.jpg")
+    (src / "1" / "loop").symlink_to(src / "1", target_is_directory=True)
+    summary = convert(str(src), str(tmp_path / "l.beton"), workers=1)
+    assert summary["count"] == 4 and [s["path"] for s in summary["skipped"]] == [str(gone)]
+    assert "links back to" in capsys.readouterr().err
