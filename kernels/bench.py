@@ -1,6 +1,6 @@
 """Benchmark of the weak-label graph kernels: `python -m kernels.bench [--json FILE]`.
 
-Rows (issue 3), each timed as the median of --repeats runs (CUDA events on a GPU):
+Rows, each timed as the median of --repeats runs (CUDA events on a GPU):
   reference   dense S = U U^T - 2I, topk(1), copy to the CPU, scipy connected_components (the WCL code)
   torch       kernels.nearest_neighbor(backend="torch") + kernels.connected_components, on the device
   triton      kernels.nearest_neighbor(backend="triton") + kernels.connected_components, on the device

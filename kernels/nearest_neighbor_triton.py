@@ -1,4 +1,4 @@
-"""Fused similarity + 1-NN Triton kernel (issue 3; WCL weak-label graph, Zheng et al. ICCV 2021 Sec. 3.2).
+"""Fused similarity + 1-NN Triton kernel (WCL weak-label graph, Zheng et al. ICCV 2021 Sec. 3.2).
 
 Each program owns BLOCK_M query rows and streams the keys in BLOCK_N tiles: s = q . k (tl.dot, fp32
 accumulation; fp32 inputs in IEEE precision, not TF32), masks keys of the same group (and the ragged

@@ -1,4 +1,4 @@
-"""Loader backends behind one entry point, all producing `MultiCropBatch` (design.md)."""
+"""Loader backends behind one entry point, all producing `MultiCropBatch` (docs/design.md)."""
 from __future__ import annotations
 
 import importlib.util

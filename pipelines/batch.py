@@ -1,4 +1,4 @@
-"""The batch contract shared by every loader backend (design.md, "Shape")."""
+"""The batch contract shared by every loader backend (docs/design.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

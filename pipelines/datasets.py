@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipelines.reference import IMAGE_EXTENSIONS, load_rgb, scan_image_folder
+from pipelines.reference import IMAGE_EXTENSIONS, load_rgb_or_gray, scan_image_folder
 from wcl_fast.config import ConfigError
 
 ARRAY_DATASETS = ("cifar10", "cifar100", "stl10")
@@ -129,12 +129,12 @@ def load_split(cfg, directory: str, key: str, pretraining: bool = False):
         return _array_split(dataset, directory, key, train, pretraining, cfg.stl10_unlabeled)
     if dataset == "tinyimagenet" and not train:
         samples, classes = _tiny_imagenet_val(directory, key)
-        return samples, classes, load_rgb
+        return samples, classes, load_rgb_or_gray
     if not train and cfg.val_labels:
         samples, classes = flat_val_split(directory, cfg.val_labels, cfg.val_synsets, cfg.train_dir, key)
-        return samples, classes, load_rgb
+        return samples, classes, load_rgb_or_gray
     samples, classes = scan_image_folder(directory, key)
-    return samples, classes, load_rgb
+    return samples, classes, load_rgb_or_gray
 
 
 def _read_synset_ids(path: str) -> list[str]:

@@ -1,6 +1,6 @@
 """Reference multi-crop loader (torchvision / PIL): the executable specification of the augmentations.
 
-Augmentations (spec wcl.md section 4; MoCo v2, Chen et al. 2020, arXiv 2003.04297; SimCLR, Chen et
+Augmentations (docs/wcl.md §4; MoCo v2, Chen et al. 2020, arXiv 2003.04297; SimCLR, Chen et
 al. 2020, arXiv 2002.05709), applied independently to every crop in this order:
     RandomResizedCrop(size, scale) -> ColorJitter (p=0.8) -> Grayscale (p=0.2)
     -> GaussianBlur (p=0.5, PIL radius = sigma ~ U[0.1, 2.0]) -> HorizontalFlip (p=0.5)
@@ -14,6 +14,7 @@ batch is the same whatever the number of workers or ranks, and a resumed run see
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import signal
@@ -54,7 +55,7 @@ def augmentation_phase(cfg: DataConfig, epoch: int) -> str:
 
 
 def crop_recipes(cfg: DataConfig, epoch: int) -> tuple[CropRecipe, CropRecipe]:
-    """(global recipe, local recipe) for `epoch` (spec section 4)."""
+    """(global recipe, local recipe) for `epoch` (docs/wcl.md §4)."""
     simclr = augmentation_phase(cfg, epoch) == "simclr"
     jitter = (0.8, 0.8, 0.8, 0.2) if simclr else (0.4, 0.4, 0.4, 0.1)
     if cfg.global_scale is not None:
@@ -63,8 +64,8 @@ def crop_recipes(cfg: DataConfig, epoch: int) -> tuple[CropRecipe, CropRecipe]:
         global_scale = (0.14, 1.0)
     else:
         global_scale = (0.08, 1.0) if simclr else (0.2, 1.0)
-    return (CropRecipe(cfg.global_size, global_scale, jitter=jitter, flip_p=cfg.flip_p),
-            CropRecipe(cfg.local_size, tuple(cfg.local_scale), jitter=jitter, flip_p=cfg.flip_p))
+    return (CropRecipe(cfg.global_size, global_scale, jitter=jitter, blur_p=cfg.blur_p, flip_p=cfg.flip_p),
+            CropRecipe(cfg.local_size, tuple(cfg.local_scale), jitter=jitter, blur_p=cfg.blur_p, flip_p=cfg.flip_p))
 
 
 def random_resized_crop_box(rng: np.random.Generator, width: int, height: int,
@@ -128,17 +129,18 @@ def apply_crop(img: Image.Image, params: CropParams, size: int) -> Image.Image:
     """RandomResizedCrop (bilinear) -> ColorJitter -> Grayscale -> GaussianBlur -> HorizontalFlip (PIL)."""
     top, left, h, w = params.box
     crop = img.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
+    gray = crop.mode == "L"  # a one-channel image (load_rgb_or_gray): saturation, hue, grayscale are identities
     if params.jitter is not None:
         for op in params.order:
             if op == 0:
                 crop = TF.adjust_brightness(crop, params.jitter[0])
             elif op == 1:
                 crop = TF.adjust_contrast(crop, params.jitter[1])
-            elif op == 2:
+            elif op == 2 and not gray:
                 crop = TF.adjust_saturation(crop, params.jitter[2])
-            else:
+            elif op == 3 and not gray:
                 crop = TF.adjust_hue(crop, params.jitter[3])
-    if params.gray:
+    if params.gray and not gray:
         crop = TF.rgb_to_grayscale(crop, num_output_channels=3)
     if params.blur_sigma is not None:
         crop = crop.filter(ImageFilter.GaussianBlur(radius=params.blur_sigma))
@@ -152,9 +154,24 @@ def augment(img: Image.Image, recipe: CropRecipe, rng: np.random.Generator) -> I
     return apply_crop(img, draw_crop_params(rng, img.width, img.height, recipe), recipe.size)
 
 
+@functools.lru_cache(maxsize=16)
+def _normalize_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """[3, 256] float32: channel c's (v / 255 - mean[c]) / std[c] for every byte v, computed by the very
+    float32 operations of torchvision's to_tensor + normalize, so a lookup gives their values bit for bit."""
+    values = torch.arange(256, dtype=torch.uint8).view(1, 1, 256).expand(3, 1, 256)
+    return TF.normalize(values.float().div(255), list(mean), list(std)).view(3, 256).numpy()
+
+
 def to_normalized_tensor(img: Image.Image, mean, std) -> torch.Tensor:
-    """PIL RGB -> float [3, H, W], (x / 255 - mean) / std."""
-    return TF.normalize(TF.to_tensor(img), mean, std)
+    """PIL RGB (or one-channel "L", as three equal channels) -> float [3, H, W], (x / 255 - mean) / std:
+    torchvision's to_tensor + normalize, by table lookup."""
+    table = _normalize_table(tuple(map(float, mean)), tuple(map(float, std)))
+    pixels = np.asarray(img)
+    if pixels.ndim == 2:
+        out = table[:, pixels]  # [3, H, W]
+    else:
+        out = np.stack([table[c][pixels[..., c]] for c in range(3)])
+    return torch.from_numpy(out)
 
 
 def scan_class_folder(folder: Path, warn=None) -> tuple[list[str], list[str]]:
@@ -207,10 +224,13 @@ def scan_image_folder(root: str | Path, key: str = "data.train_dir") -> tuple[li
     return samples, classes
 
 
-def load_rgb(path, draft: tuple[int, int] | None = None) -> Image.Image:
+def load_rgb(path, draft: tuple[int, int] | None = None, keep_gray: bool = False) -> Image.Image:
     """Decode an image (a path or a file object) fully as RGB (CMYK, grayscale, palette and alpha images are
     converted; 16-bit grayscale, which PIL's RGB conversion would clip to white, is scaled to 8 bits:
-    v -> round(v / 257)). draft=(w, h): a JPEG may be decoded at 1/2, 1/4 or 1/8 scale, no smaller than that."""
+    v -> round(v / 257)). draft=(w, h): a JPEG may be decoded at 1/2, 1/4 or 1/8 scale, no smaller than that.
+    keep_gray: an 8-bit (or scaled 16-bit) grayscale image stays one channel ("L"); `apply_crop` and
+    `to_normalized_tensor` treat it as the RGB image with three equal channels, bit for bit, at a third of
+    the work (see `load_rgb_or_gray`)."""
     with Image.open(path) as img:
         if draft is not None and img.format == "JPEG":
             img.draft("RGB", draft)
@@ -220,7 +240,18 @@ def load_rgb(path, draft: tuple[int, int] | None = None) -> Image.Image:
             img = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), mode="L")
         elif img.mode in ("P", "PA", "LA"):
             img = img.convert("RGBA")  # palette / alpha: resolve transparency before dropping alpha
+        if keep_gray and img.mode == "L":
+            return img.copy()  # detached from the file (the context closes it)
         return img.convert("RGB")
+
+
+def load_rgb_or_gray(path) -> Image.Image:
+    """The decoder of the PIL loaders: `load_rgb`, but a grayscale image stays one channel. Its crops,
+    jitter, blur and tensors equal those of its RGB conversion exactly (tested), because every operation
+    of the chain acts on three equal channels as on one: resize, brightness, contrast (its mean is that of
+    the luma, which equals the gray value), blur and flip are per-channel; saturation, hue and grayscale
+    leave a gray image unchanged (PIL's luma weights sum to exactly 1 in its fixed-point arithmetic)."""
+    return load_rgb(path, keep_gray=True)
 
 
 class ImageSource:

@@ -51,7 +51,7 @@ def ce_row(sims: np.ndarray, tau: float, positives, excluded) -> float:
 
 
 def wcl_terms(z1, z2, u1, u2, tau=0.1, z_local=None, u_local=None):
-    """Spec wcl.md sections 2 and 3 (inherit rule), one anchor at a time, float64."""
+    """docs/wcl.md §2-3 (inherit rule), one anchor at a time, float64."""
     z1, z2, u1, u2 = (np.asarray(x, dtype=np.float64) for x in (z1, z2, u1, u2))
     n = len(z1)
     y1 = components(nearest_neighbor(u1))
@@ -82,7 +82,7 @@ def wcl_terms(z1, z2, u1, u2, tau=0.1, z_local=None, u_local=None):
 
 
 def knn_rule_terms(z1, z2, u1, u2, z_local, u_local, tau=0.1):
-    """Spec wcl.md section 3, `knn` rule, float64 loops: one image graph over all crops."""
+    """docs/wcl.md §3, `knn` rule, float64 loops: one image graph over all crops."""
     z1, z2, u1, u2, z_local, u_local = (np.asarray(x, dtype=np.float64) for x in (z1, z2, u1, u2, z_local, u_local))
     n = len(z1)
     crops = np.concatenate([u1, u2, u_local])
@@ -113,7 +113,7 @@ def knn_rule_terms(z1, z2, u1, u2, z_local, u_local, tau=0.1):
     return float(np.mean(nce)), float(np.mean(graph_rows)), labels
 
 
-# ---- related objectives (spec objectives.md), float64 loops ----
+# ---- related objectives (docs/objectives.md), float64 loops ----
 
 def softmax(values: np.ndarray) -> np.ndarray:
     e = np.exp(values - values.max())

@@ -189,3 +189,42 @@ def test_synthetic_loader_contract():
     assert len(batches) == 5 and batches[0].globals.shape == (16, 3, 16, 16) and batches[0].locals.shape == (16, 3, 8, 8)
     again = next(loader.epoch(0))
     assert torch.equal(again.globals, batches[0].globals)
+
+
+def test_gray_images_are_cropped_as_one_channel_exactly_as_their_rgb_conversion(digit_folder, tmp_path):
+    """load_rgb_or_gray keeps a grayscale image one channel; every crop, jitter, blur and tensor must equal
+    the RGB path's bit for bit, in both augmentation phases, global and local crops, flips included."""
+    from pipelines.reference import load_rgb, load_rgb_or_gray
+
+    samples, _ = scan_image_folder(digit_folder)
+    # a gray PNG with strong gradients too (JPEG digits are mostly flat 0 / 255)
+    ramp = (np.add.outer(np.arange(40), np.arange(56)) * 2 % 256).astype(np.uint8)
+    Image.fromarray(ramp, mode="L").save(tmp_path / "ramp.png")
+    samples = samples[:10] + [(str(tmp_path / "ramp.png"), 0)]
+    assert load_rgb_or_gray(samples[0][0]).mode == "L"
+    for switch in (0, 100):  # SimCLR phase (0.8 jitter, hue 0.2) and MoCo-v2 phase
+        cfg = _cfg(digit_folder, flip_p=0.5, aug_switch_epoch=switch, mean=[0.2, 0.5, 0.7], std=[0.3, 0.25, 0.2])
+        gray = MultiCropDataset(ImageSource(samples, load_rgb_or_gray), cfg, seed=3)
+        rgb = MultiCropDataset(ImageSource(samples, load_rgb), cfg, seed=3)
+        for epoch in (0, 1):
+            for index in range(len(samples)):
+                a, b = gray[(epoch, index)], rgb[(epoch, index)]
+                for x, y in zip(a[0] + a[1], b[0] + b[1]):
+                    assert x.shape == y.shape and x.dtype == y.dtype == torch.float32
+                    assert torch.equal(x, y), (switch, epoch, index)
+
+
+def test_normalized_tensor_by_table_equals_torchvision():
+    import torchvision.transforms.functional as TF
+    from pipelines.reference import to_normalized_tensor
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (17, 23, 3), dtype=np.uint8)
+    pixels[0, :3] = [[0, 0, 0], [255, 255, 255], [128, 1, 254]]
+    img = Image.fromarray(pixels, mode="RGB")
+    for mean, std in (([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]), ([0.1307] * 3, [0.3081] * 3)):
+        expected = TF.normalize(TF.to_tensor(img), mean, std)
+        got = to_normalized_tensor(img, mean, std)
+        assert got.shape == (3, 17, 23) and torch.equal(got, expected)
+        gray = Image.fromarray(pixels[..., 1], mode="L")
+        assert torch.equal(to_normalized_tensor(gray, mean, std), TF.normalize(TF.to_tensor(gray.convert("RGB")), mean, std))

@@ -1,4 +1,4 @@
-"""SimCLR, Cl-InfoNCE, CO2 and SLR (spec objectives.md) against float64 loop references (tests/naive.py)."""
+"""SimCLR, Cl-InfoNCE, CO2 and SLR (docs/objectives.md) against float64 loop references (tests/naive.py)."""
 import numpy as np
 import pytest
 import torch

@@ -39,6 +39,22 @@ def test_loss_decreases_within_20_steps(tmp_path):
     assert last < first - 0.5, (first, last)
 
 
+def test_config_and_first_record_carry_provenance(tmp_path):
+    import wcl_fast
+
+    train(_cfg(tmp_path, "train.epochs=1", "data.local_crops=0"))
+    first = _log(tmp_path)[0]
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert first["git_commit"].split("-dirty")[0] == (head or "unknown")
+    assert (first["wcl_fast"], first["torch"], first["world_size"]) == (wcl_fast.__version__, torch.__version__, 1)
+    assert first["cuda"] == (torch.version.cuda or "none") and first["devices"][0].endswith(" x 1")
+    for key in ("dali", "ffcv"):
+        assert first[key]  # a version, or "not installed"
+    header = [line for line in (tmp_path / "config.yaml").read_text().splitlines() if line.startswith("# ")]
+    assert f"# git_commit: {first['git_commit']}" in header and f"# torch: {torch.__version__}" in header
+    assert "# world_size: 1" in header
+
+
 def test_resume_continues_exactly(tmp_path):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     train(_cfg(straight, "train.epochs=2"))
@@ -94,6 +110,7 @@ def test_two_process_torchrun_keeps_replicas_identical(tmp_path, objective):
     records = _log(tmp_path)
     divergence = [r["replica_divergence"] for r in records if "replica_divergence" in r]
     assert divergence == [0.0, 0.0]
+    assert records[0]["world_size"] == 2 and sum(int(d.rsplit(" x ", 1)[1]) for d in records[0]["devices"]) == 2
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 8 and all(l == l for l in losses)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)

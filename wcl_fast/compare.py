@@ -1,4 +1,4 @@
-"""Equal-budget comparison of the objectives (spec objectives.md):
+"""Equal-budget comparison of the objectives (docs/objectives.md):
 
     python -m wcl_fast.compare --config configs/cpu_compare.yaml [--objectives simclr,wcl,...] [key=value ...]
 

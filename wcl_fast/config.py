@@ -75,11 +75,14 @@ class DataConfig:
     local_crops: int = 0  # 0: the 2 x global recipe; 6: the 2 x 224 + 6 x 96 multi-crop recipe
     local_size: int = 96
     # None: MoCo-v2 phase (0.2, 1) before aug_switch_epoch, SimCLR phase (0.08, 1) after;
-    # (0.14, 1) in both phases when local_crops > 0 (spec wcl.md section 4).
+    # (0.14, 1) in both phases when local_crops > 0 (docs/wcl.md §4).
     global_scale: Optional[list[float]] = None
     local_scale: list[float] = field(default_factory=lambda: [0.05, 0.14])
     aug_switch_epoch: int = 10  # epochs < this use MoCo-v2 augmentations, >= this SimCLR ones
     flip_p: float = 0.5  # horizontal-flip probability of every crop (0 for data such as digits)
+    # Gaussian-blur probability of every crop (sigma ~ U[0.1, 2]; docs/wcl.md §4); SimCLR's CIFAR-10 recipe
+    # uses 0 (Chen et al. 2020, appendix B.9)
+    blur_p: float = 0.5
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     eval_resize: int = 256  # kNN / evaluation transform: Resize(eval_resize) + CenterCrop(eval_crop)
@@ -112,7 +115,7 @@ class ModelConfig:
 
 @dataclass
 class ClInfoNCEConfig:
-    """Cl-InfoNCE (Tsai et al., ICLR 2022; spec objectives.md): SupCon with cluster ids as labels."""
+    """Cl-InfoNCE (Tsai et al., ICLR 2022; docs/objectives.md §2): SupCon with cluster ids as labels."""
 
     form: Literal["single", "dual"] = "single"  # single: SupCon on head 1; dual: WCL head 1 + cluster mask on head 2
     clusters_csv: str = ""  # CSV with a header; "" = K-means on the current head-1 embeddings
@@ -135,7 +138,7 @@ class MomentumConfig:
 
 @dataclass
 class CO2Config:
-    """CO2 consistency regulariser (Wei et al., ICLR 2021; spec objectives.md)."""
+    """CO2 consistency regulariser (Wei et al., ICLR 2021; docs/objectives.md §3)."""
 
     form: Literal["batch", "queue"] = "batch"  # batch: negatives from the gathered batch; queue: EMA keys + queue
     alpha: float = 10.0
@@ -144,7 +147,7 @@ class CO2Config:
 
 @dataclass
 class SLRConfig:
-    """SLR / SANE self-labelling refinery + momentum mixup (Zhou et al., NeurIPS 2021; spec objectives.md)."""
+    """SLR / SANE self-labelling refinery + momentum mixup (Zhou et al., NeurIPS 2021; docs/objectives.md §4)."""
 
     tau_prime: float = 1.0  # refinery temperature factor: targets use tau * tau_prime
     kappa: float = 0.1  # mixup theta ~ Beta(kappa, kappa)
@@ -163,7 +166,7 @@ class LossConfig:
     # differentiable: gradient flows through the gather (full-batch gradient).
     gather: Literal["detached", "differentiable"] = "detached"
     # inherit: local crops take the global crops' labels; knn: one image graph over all crops
-    # (spec wcl.md section 3). Used only when data.local_crops > 0.
+    # (docs/wcl.md §3). Used only when data.local_crops > 0.
     multicrop_rule: Literal["inherit", "knn"] = "inherit"
     # knn rule: who computes the crops' 1-NN and head 2's logits in one pass
     # (kernels.similarity_nearest_neighbor). auto: the fused Triton kernel on CUDA, torch elsewhere;
@@ -219,7 +222,7 @@ class KnnConfig:
 
 @dataclass
 class LinearConfig:
-    """Linear evaluation (spec wcl.md section 5): frozen encoder, Linear(d, classes) ~ N(0, 0.01)."""
+    """Linear evaluation (docs/wcl.md §5): frozen encoder, Linear(d, classes) ~ N(0, 0.01)."""
 
     checkpoint: str = ""  # wcl-fast checkpoint.pt ("" = untrained encoder, for baselines)
     epochs: int = 80
@@ -236,7 +239,7 @@ class LinearConfig:
 
 @dataclass
 class FinetuneConfig:
-    """Semi-supervised fine-tuning (spec wcl.md section 5): encoder + new linear layer on a label subset."""
+    """Semi-supervised fine-tuning (docs/wcl.md §5): encoder + new linear layer on a label subset."""
 
     checkpoint: str = ""  # wcl-fast checkpoint.pt ("" = untrained encoder, for baselines)
     subset_file: str = ""  # one image path per line (e.g. the SimCLR 1% / 10% lists); "" = seeded subset
@@ -409,7 +412,7 @@ def _check_values(cfg: Config) -> None:
                        "finetune.momentum": cfg.finetune.momentum}.items():
         if not 0 <= value < 1:
             raise ConfigError(f"config key '{key}' must be in [0, 1), got {value}")
-    for key, value in {"data.flip_p": cfg.data.flip_p, "finetune.label_fraction": cfg.finetune.label_fraction}.items():
+    for key, value in {"data.flip_p": cfg.data.flip_p, "data.blur_p": cfg.data.blur_p, "finetune.label_fraction": cfg.finetune.label_fraction}.items():
         if not 0 <= value <= 1:
             raise ConfigError(f"config key '{key}' must be in [0, 1], got {value}")
     for key in ("mean", "std"):

@@ -1,4 +1,4 @@
-"""Semi-supervised fine-tuning on a label subset (spec wcl.md section 5; SimCLR protocol, Chen et al. 2020).
+"""Semi-supervised fine-tuning on a label subset (docs/wcl.md §5; SimCLR protocol, Chen et al. 2020).
 
     torchrun --nproc_per_node 8 -m wcl_fast.finetune --config configs/X.yaml finetune.checkpoint=PATH \\
         finetune.subset_file=1percent.txt        # or finetune.label_fraction=0.01 for a seeded subset

@@ -1,6 +1,6 @@
 """Weighted kNN monitor (Wu et al., CVPR 2018, "Unsupervised Feature Learning via Non-Parametric
 Instance Discrimination", Sec. 3.4): k = 200 nearest training features by cosine similarity vote
-with weight exp(s / T), T = 0.1 (spec wcl.md section 5).
+with weight exp(s / T), T = 0.1 (docs/wcl.md §5).
 
 Features are the encoder outputs h (before the heads) under the evaluation transform. Each rank
 extracts an unpadded contiguous shard; shards are gathered so every sample counts exactly once.

@@ -1,4 +1,4 @@
-"""Linear evaluation of a WCL encoder (spec wcl.md section 5; protocol of the reference linear_eval.py).
+"""Linear evaluation of a WCL encoder (docs/wcl.md §5; protocol of the reference linear_eval.py).
 
     torchrun --nproc_per_node 8 -m wcl_fast.linear --config configs/linear_imagenet.yaml linear.checkpoint=PATH
 

@@ -90,3 +90,63 @@ def interval_line(epoch: int, epochs: int, step_in_epoch: int, steps_per_epoch: 
             f"{'(' + terms + ') ' if terms else ''}lr {record['lr']:.4f} {record['samples_per_s']:.1f} samples/s "
             f"data-wait {100 * record['data_wait']:.1f}% ETA epoch {format_duration(eta_epoch_s)} "
             f"run {format_duration(eta_run_s)}")
+
+
+def _package_version(*names: str) -> str:
+    from importlib import metadata
+
+    for name in names:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return "not installed"
+
+
+def git_commit() -> str:
+    """The checkout's commit (with '-dirty' when tracked files differ from it), or 'unknown' (an installed
+    copy outside git, or no git)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        if not commit:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name(device) -> str:
+    import platform
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def provenance(device, world_size: int, gather=None) -> dict:
+    """What produced a run: git commit, versions of wcl-fast, torch, CUDA, DALI and FFCV, the device of
+    every rank (`gather(name) -> [name of rank 0, 1, ...]` under DDP; this rank's alone otherwise) as
+    'name x count' entries, and the world size. Written into config.yaml and the first log.jsonl record."""
+    import torch
+
+    import wcl_fast
+
+    names = gather(device_name(device)) if gather is not None else [device_name(device)]
+    devices = [f"{name} x {names.count(name)}" for name in dict.fromkeys(names)]
+    return {"git_commit": git_commit(), "wcl_fast": wcl_fast.__version__, "torch": torch.__version__,
+            "cuda": torch.version.cuda or "none", "dali": _package_version("nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-dali"),
+            "ffcv": _package_version("ffcv"), "devices": devices, "world_size": world_size}

@@ -1,4 +1,4 @@
-"""Encoder and the two projection heads of WCL (Zheng et al., ICCV 2021, Sec. 3; spec wcl.md section 1).
+"""Encoder and the two projection heads of WCL (Zheng et al., ICCV 2021, Sec. 3; docs/wcl.md §1).
 
 F: torchvision ResNet without its classifier -> h [B, 2048] (ResNet-50) or [B, 512] (ResNet-18/34).
 g (head1, instance discrimination) and phi (head2, weak labels): Linear BN ReLU Linear BN ReLU Linear.
@@ -18,7 +18,7 @@ FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
 
 
 class ProjectionHead(nn.Module):
-    """Linear(d_in, H) BN ReLU Linear(H, H) BN ReLU Linear(H, d_out), biases on (spec section 1)."""
+    """Linear(d_in, H) BN ReLU Linear(H, H) BN ReLU Linear(H, d_out), biases on (docs/wcl.md §1)."""
 
     def __init__(self, dim_in: int, dim_hidden: int, dim_out: int):
         super().__init__()

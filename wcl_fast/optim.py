@@ -1,4 +1,4 @@
-"""LARS over SGD momentum, parameter groups and the learning-rate schedule (spec wcl.md section 4).
+"""LARS over SGD momentum, parameter groups and the learning-rate schedule (docs/wcl.md §4).
 
 LARS (You et al., 2017, arXiv 1708.03888) as in the WCL reference: for every adapted parameter
     g <- grad + wd * w                          (weight decay first)

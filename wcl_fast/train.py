@@ -22,7 +22,7 @@ from wcl_fast.cli import ArgumentParser, EXIT_USER
 from wcl_fast.checkpoint import (CheckpointError, CheckpointWriteError, RunLock, atomic_save, describe_model,
                                  load_checkpoint, load_weights, remove_stale_temporaries, rng_state, set_rng_state)
 from wcl_fast.config import Config, ConfigError, check_out_dir, check_paths, load_config, to_dict, to_yaml
-from wcl_fast.log import RunLogger, format_duration, interval_line, use_progress_bar
+from wcl_fast.log import RunLogger, format_duration, interval_line, provenance, use_progress_bar
 from wcl_fast.model import build_model
 from wcl_fast.objectives import runner as objectives
 from wcl_fast.objectives.runner import KNN_LABEL_BLOCKS, compute_loss  # noqa: F401 (re-exported)
@@ -198,13 +198,17 @@ def _train(cfg: Config, ctx: wdist.DistContext) -> dict:
     from pipelines import build_loader, resolve_backend
 
     choice = resolve_backend(cfg)  # data.backend=auto -> the concrete loader, in cfg from here on
+    origin = provenance(device, ctx.world_size, gather_names if ctx.distributed else None)  # collective under DDP
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         removed, size = remove_stale_temporaries(out_dir, (CHECKPOINT_NAME,))
         if removed:
             logger.info(f"removed {removed} temporary file(s) of interrupted checkpoint writes ({size / 2**20:.1f} MB)")
-        (out_dir / "config.yaml").write_text(f"# {choice.describe()}\n{to_yaml(cfg)}")
-        logger.info(f"wcl-fast: world size {ctx.world_size}, device {device}, precision {cfg.train.precision}\n"
+        origin_lines = "".join(f"# {key}: {value}\n" for key, value in origin.items())
+        (out_dir / "config.yaml").write_text(f"# {choice.describe()}\n{origin_lines}{to_yaml(cfg)}")
+        logger.info(f"wcl-fast {origin['wcl_fast']} (git {origin['git_commit']}), torch {origin['torch']} (CUDA {origin['cuda']}), "
+                    f"DALI {origin['dali']}, FFCV {origin['ffcv']}; {', '.join(origin['devices'])}\n"
+                    f"world size {ctx.world_size}, device {device}, precision {cfg.train.precision}\n"
                     f"--- resolved config (saved to {out_dir / 'config.yaml'}) ---\n{to_yaml(cfg)}---\n"
                     f"{choice.describe()}")
         if choice.warning:
@@ -312,7 +316,7 @@ def _train(cfg: Config, ctx: wdist.DistContext) -> dict:
     stopped = cfg.train.stop_at_step > 0 and global_step >= cfg.train.stop_at_step
     first_step = global_step
     logger.scalars(global_step, {"loader": choice.backend, "loader_requested": choice.requested,
-                                 "loader_reason": choice.reason})
+                                 "loader_reason": choice.reason, **origin})
     show_bar = main and use_progress_bar(cfg.train.progress)  # off the terminal: one plain line per interval
     wall_start = time.perf_counter()
     last_log_time, data_wait, last_log_step = time.perf_counter(), 0.0, global_step
@@ -425,6 +429,13 @@ def _train(cfg: Config, ctx: wdist.DistContext) -> dict:
         run_knn(cfg, model, device, logger, global_step, summary)
     logger.close()
     return summary
+
+
+def gather_names(name: str) -> list[str]:
+    """Every rank's `name`, in rank order (a collective)."""
+    names = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(names, name)
+    return names
 
 
 def crash_point() -> tuple[int, int] | None:

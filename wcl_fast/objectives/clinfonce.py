@@ -1,4 +1,4 @@
-"""Cl-InfoNCE (Tsai et al., ICLR 2022, arXiv 2202.06670; spec objectives.md).
+"""Cl-InfoNCE (Tsai et al., ICLR 2022, arXiv 2202.06670; docs/objectives.md §2).
 
 Stage 1 clusters the data (by an auxiliary attribute from a CSV column, or by K-means on the
 current head-1 embeddings of the whole training set under the evaluation transform); stage 2 is the

@@ -1,4 +1,4 @@
-"""CO2 consistency regulariser (Wei, Wang, Shen, Yuille, ICLR 2021, arXiv 2010.02217; spec objectives.md).
+"""CO2 consistency regulariser (Wei, Wang, Shen, Yuille, ICLR 2021, arXiv 2010.02217; docs/objectives.md §3).
 
 For a query q, its positive p (no gradient) and negatives n_k:
     Q = softmax_k(q . n_k / tau_con),  P = softmax_k(p . n_k / tau_con)   (over the negatives only)

@@ -1,8 +1,8 @@
 """SimCLR (Chen et al., ICML 2020, arXiv 2002.05709): NT-Xent on head 1 alone, the baseline WCL
-improves on (spec objectives.md). Eq. 1 of SimCLR:
+improves on (docs/objectives.md §1). Eq. 1 of SimCLR:
     l_i = -log( exp(s_ip / tau) / sum_{a != i} exp(s_ia / tau) ),  p = the other view of image i,
 averaged over all 2N view embeddings; local crops (multi-crop) take the image's two global crops
-as positives exactly as in WCL's head 1 (spec wcl.md section 3).
+as positives exactly as in WCL's head 1 (docs/wcl.md §3).
 """
 from __future__ import annotations
 

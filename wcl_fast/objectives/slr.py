@@ -1,5 +1,5 @@
 """SLR / SANE: self-labelling refinery + momentum mixup (Zhou, Xiong, Yuan, Hoi, NeurIPS 2021,
-arXiv 2106.14749; spec objectives.md).
+arXiv 2106.14749; docs/objectives.md §4).
 
 Query x_i, positive key x~_i through the EMA target g; keys B = the global batch's positive keys
 (through g) followed by the queue. With c(i) the column of i's own key:

@@ -1,4 +1,4 @@
-"""The WCL objective (Zheng et al., ICCV 2021, arXiv 2110.04770; spec wcl.md sections 2 and 3).
+"""The WCL objective (Zheng et al., ICCV 2021, arXiv 2110.04770; docs/wcl.md §2-3).
 
 Head 1 (instance discrimination, NT-Xent, SimCLR eq. 1):
     l_i = -log( exp(s_ip / tau) / sum_{a != i} exp(s_ia / tau) ),  p = the other view of i.
@@ -187,7 +187,7 @@ def wcl_loss_terms(
     z1, z2, u1, u2: this rank's global-view embeddings [b, D] (rows offset..offset+b of the batch).
     z1_all .. u2_all: the gathered embeddings of all ranks [N, D] (this rank's block included).
     z_local, u_local: local-crop embeddings [L*b, D] (crop-major: crop l of sample i is row l*b+i),
-    anchored with the `inherit` or `knn` rule of spec section 3; None for the 2-view recipe.
+    anchored with the `inherit` or `knn` rule of docs/wcl.md §3; None for the 2-view recipe.
     labels: precomputed (y1, y2) [N]; default: computed here from u1_all / u2_all.
     rule='knn': head 2 uses one label per image, `image_labels` [N] (see knn_batch_labels); every
     crop is anchored against all 2N global keys except its own column, positives = keys of images
@@ -235,7 +235,7 @@ def nce_rows(z1: torch.Tensor, z2: torch.Tensor, z1_all: torch.Tensor, z2_all: t
 
     Anchors [z1; z2] against keys [Z1; Z2] (2N columns) with the own column removed and the other view
     as the positive; local crops (crop-major [L*b, D]) take the image's two global crops as positives,
-    each cross-entropy with the other positive removed from its denominator, averaged (spec section 3).
+    each cross-entropy with the other positive removed from its denominator, averaged (docs/wcl.md §3).
     """
     b, n = z1.shape[0], z1_all.shape[0]
     rows = torch.arange(b, device=z1.device) + offset
@@ -251,7 +251,7 @@ def nce_rows(z1: torch.Tensor, z2: torch.Tensor, z1_all: torch.Tensor, z2_all: t
 
 def _local_nce_rows(z_local, keys1, rows, n, tau):
     """Head 1 for local crops: positives are the image's two global crops, each CE with the other
-    positive removed from its denominator, averaged (spec section 3)."""
+    positive removed from its denominator, averaged (docs/wcl.md §3)."""
     local_rows = rows.repeat(z_local.shape[0] // rows.shape[0])  # [L*b]
     first = _one_hot_columns(local_rows, 2 * n)  # column of the view-1 crop of the same image
     second = _one_hot_columns(local_rows + n, 2 * n)  # column of the view-2 crop
@@ -278,7 +278,7 @@ def _knn_graph_rows(u1, u2, u1_all, u2_all, u_local, rows, image_labels, tau):
 
 def wcl_loss(z1: torch.Tensor, z2: torch.Tensor, u1: torch.Tensor, u2: torch.Tensor,
              tau: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(nce_loss, graph_loss) of spec section 2 for two views on one process; total = their sum.
+    """(nce_loss, graph_loss) of docs/wcl.md §2 for two views on one process; total = their sum.
 
     z1, z2: head-1 embeddings, u1, u2: head-2 embeddings, all L2-normalised, shape [N, D].
     """
