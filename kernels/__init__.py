@@ -1,6 +1,6 @@
 """Graph kernels for weak labels: 1-NN search and connected components.
 
-Public, stable interface (other modules and issues build on it):
+Public, stable interface (other modules build on it):
     nearest_neighbor(queries, keys=None, query_groups=None, key_groups=None, backend="auto") -> idx [M] int64
     connected_components(nn_idx) -> labels [N] int64
     similarity_nearest_neighbor(queries, keys, query_groups, key_groups, tau, logit_columns, backend)

@@ -118,7 +118,7 @@ def print_rows(rows: list[dict]) -> None:
 def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     parser = ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n")[0])
-    # largest first on a GPU: the target shape (32768, 256, bf16) is measured before any timeout
+    # largest first on a GPU: the target shape (32768, 256, bf16) is measured before any timeout
     parser.add_argument("--sizes", type=at_least(1), nargs="+", default=[32768, 8192, 4096] if cuda else [512, 2048, 4096])
     parser.add_argument("--dims", type=at_least(1), nargs="+", default=[256, 128] if cuda else [128, 256])
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"] if cuda else ["fp32", "bf16"],

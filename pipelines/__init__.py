@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipelines.batch import MultiCropBatch
+from pipelines.batch import MultiCropBatch, current_device
 from wcl_fast.config import Config, ConfigError
 
 __all__ = ["LoaderChoice", "MultiCropBatch", "build_eval_loader", "build_loader", "build_train_eval_loader",
@@ -106,7 +106,7 @@ def build_loader(cfg: Config, split: str, rank: int, world: int):
     if cfg.data.backend == "ffcv":
         from pipelines.ffcv import FFCVMultiCropLoader
 
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        device = current_device()
         return FFCVMultiCropLoader(cfg.data, cfg.train.seed, rank, world, device)
     raise ConfigError(f"data.backend: {cfg.data.backend!r} is not available; use reference, synthetic, dali or ffcv")
 
@@ -125,7 +125,8 @@ def build_train_eval_loader(cfg: Config, batch_size: int, rank: int, world: int)
     if cfg.data.backend == "synthetic":
         from torch.utils.data import DataLoader, Subset
 
-        from pipelines.reference import collate_eval, ignore_stop_signals, shard_range
+        from pipelines.sampling import ignore_stop_signals, shard_range
+        from pipelines.batch import collate_eval
         from pipelines.synthetic import SyntheticEvalDataset
 
         dataset = SyntheticEvalDataset(cfg.data, cfg.train.seed)
@@ -152,7 +153,7 @@ def build_eval_loader(data_cfg, directory: str, key: str, batch_size: int, rank:
     if data_cfg.backend == "ffcv" and beton:  # else: the ImageFolder with the reference transform
         from pipelines.ffcv import FFCVEvalLoader
 
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        device = current_device()
         beton_key = "data.val_beton" if key == "data.val_dir" else "data.beton"
         loader = FFCVEvalLoader(data_cfg, beton, batch_size, rank, world, device, beton_key)
         return loader, loader.count, len(loader.classes)

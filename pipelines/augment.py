@@ -94,20 +94,20 @@ def params_from_uniforms(u: torch.Tensor, recipe) -> torch.Tensor:
     """[n, NUM_DRAWS] uniforms in [0, 1) -> the [n, NUM_PARAMS] float32 parameter vectors of
     pipelines/cpu_augment.py: columns 0 jitter coin, 1-4 factors, 5-8 keys whose argsort is the
     operation order, 9 gray coin, 10 blur sigma, 11 blur coin, 12 flip coin."""
-    from pipelines import cpu_augment as C
+    from pipelines import crop_params as P
 
     n = u.shape[0]
     b, c, s, h = recipe.jitter
-    p = torch.zeros(n, C.NUM_PARAMS)
-    p[:, C.P_JITTER] = (u[:, 0] < recipe.jitter_p).float()
+    p = torch.zeros(n, P.NUM_PARAMS)
+    p[:, P.P_JITTER] = (u[:, 0] < recipe.jitter_p).float()
     lo = torch.tensor([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h])
     hi = torch.tensor([1 + b, 1 + c, 1 + s, h])
-    p[:, C.P_FACTORS] = lo + u[:, 1:5] * (hi - lo)
-    p[:, C.P_ORDER] = u[:, 5:9].argsort(dim=1).float()  # a random permutation of the 4 operations per crop
-    p[:, C.P_GRAY] = (u[:, 9] < recipe.gray_p).float()
-    p[:, C.P_SIGMA] = recipe.blur_sigma[0] + u[:, 10] * (recipe.blur_sigma[1] - recipe.blur_sigma[0])
-    p[:, C.P_BLUR] = (u[:, 11] < recipe.blur_p).float()
-    p[:, C.P_FLIP] = (u[:, 12] < recipe.flip_p).float()
+    p[:, P.P_FACTORS] = lo + u[:, 1:5] * (hi - lo)
+    p[:, P.P_ORDER] = u[:, 5:9].argsort(dim=1).float()  # a random permutation of the 4 operations per crop
+    p[:, P.P_GRAY] = (u[:, 9] < recipe.gray_p).float()
+    p[:, P.P_SIGMA] = recipe.blur_sigma[0] + u[:, 10] * (recipe.blur_sigma[1] - recipe.blur_sigma[0])
+    p[:, P.P_BLUR] = (u[:, 11] < recipe.blur_p).float()
+    p[:, P.P_FLIP] = (u[:, 12] < recipe.flip_p).float()
     return p
 
 
@@ -143,19 +143,19 @@ def keyed_params(seed: int, epoch: int, index, slots, recipe) -> torch.Tensor:
 def apply_params(x: torch.Tensor, p: torch.Tensor, mean, std) -> torch.Tensor:
     """Batched tensor ops: float [n, 3, S, S] in [0, 1] and params [n, NUM_PARAMS] on x's device ->
     augmented, normalised, channels-last."""
-    from pipelines import cpu_augment as C
+    from pipelines import crop_params as P
 
     device = x.device
-    jitter_on = p[:, C.P_JITTER] > 0.5
-    factors = p[:, C.P_FACTORS].unbind(1)
-    order = p[:, C.P_ORDER].round().long()
+    jitter_on = p[:, P.P_JITTER] > 0.5
+    factors = p[:, P.P_FACTORS].unbind(1)
+    order = p[:, P.P_ORDER].round().long()
     ops = (brightness, contrast, saturation, hue)
     for slot in range(4):
         for op_id, op in enumerate(ops):
             x = _apply_where(x, jitter_on & (order[:, slot] == op_id), op, factors[op_id])
-    x = _apply_where(x, p[:, C.P_GRAY] > 0.5, lambda v, _: gray(v).expand_as(v).contiguous(), factors[0])
-    x = _apply_where(x, p[:, C.P_BLUR] > 0.5, gaussian_blur, p[:, C.P_SIGMA].contiguous())
-    x = torch.where((p[:, C.P_FLIP] > 0.5).view(-1, 1, 1, 1), x.flip(3), x)
+    x = _apply_where(x, p[:, P.P_GRAY] > 0.5, lambda v, _: gray(v).expand_as(v).contiguous(), factors[0])
+    x = _apply_where(x, p[:, P.P_BLUR] > 0.5, gaussian_blur, p[:, P.P_SIGMA].contiguous())
+    x = torch.where((p[:, P.P_FLIP] > 0.5).view(-1, 1, 1, 1), x.flip(3), x)
     mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
     return ((x - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
@@ -169,6 +169,7 @@ def augment_views(views: list[torch.Tensor], recipe, mean, std, generator: torch
     installed, torch otherwise. Both make the same random choices: `params` ([V*b, NUM_PARAMS], e.g.
     keyed_params) or, without them, draw_params from `generator`."""
     from pipelines import cpu_augment as C
+    from pipelines import crop_params as P
 
     device = views[0].device
     n = sum(v.shape[0] for v in views)
@@ -176,8 +177,8 @@ def augment_views(views: list[torch.Tensor], recipe, mean, std, generator: torch
         if generator is None:
             raise ValueError("augment_views needs a generator or params")
         params = draw_params(n, recipe, generator)
-    elif tuple(params.shape) != (n, C.NUM_PARAMS):
-        raise ValueError(f"params: expected shape ({n}, {C.NUM_PARAMS}), got {tuple(params.shape)}")
+    elif tuple(params.shape) != (n, P.NUM_PARAMS):
+        raise ValueError(f"params: expected shape ({n}, {P.NUM_PARAMS}), got {tuple(params.shape)}")
     p = params
     if impl == "auto":
         impl = "fused" if device.type == "cpu" and C.available() else "torch"

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipelines.batch import current_device, current_device_id
 from wcl_fast.cli import ArgumentParser, at_least, command, output_file
 
 BACKENDS = ("reference", "auto", "dali", "dali-graph", "ffcv", "ffcv-torch", "ffcv8", "ffcv-crop", "ffcv8-crop")
@@ -114,7 +115,7 @@ def build(backend: str, cfg):
     if backend in ("dali", "dali-graph"):  # dali-graph: the augmentations inside the DALI graph also on the CPU
         from pipelines.dali import DaliMultiCropLoader
 
-        device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
+        device_id = current_device_id()
         return DaliMultiCropLoader(cfg, 0, 0, 1, device_id, augment="graph" if backend == "dali-graph" else None)
     if backend.startswith("ffcv"):  # ffcv8: decoding once per crop (8 decodes); -crop: no tensor augmentations
         from dataclasses import replace
@@ -126,7 +127,7 @@ def build(backend: str, cfg):
             from pipelines.convert import convert
 
             convert(cfg.train_dir, str(beton), workers=cfg.workers, quiet=True)
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        device = current_device()
         return FFCVMultiCropLoader(replace(cfg, backend="ffcv", beton=str(beton)), 0, 0, 1, device,
                                    decode_each_crop=backend.startswith("ffcv8"), augment=not backend.endswith("-crop"),
                                    augment_impl="torch" if backend == "ffcv-torch" else "auto")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.reference import IMAGE_EXTENSIONS, load_rgb, scan_class_folder
+from pipelines.images import IMAGE_EXTENSIONS, load_rgb, scan_class_folder
 from wcl_fast.cli import ArgumentParser, at_least, between, command
 from wcl_fast.config import ConfigError
 

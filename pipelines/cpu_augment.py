@@ -31,13 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-# per-crop parameter vector (also the DALI graph's per-sample argument, pipelines/dali.py)
-P_ROI = slice(0, 4)  # y0, x0, y1, x1 relative to the decoded image (DALI only)
-P_JITTER = 4  # 1.0 when the colour jitter is applied
-P_FACTORS = slice(5, 9)  # brightness, contrast, saturation factors, hue shift (fraction of a full turn)
-P_ORDER = slice(9, 13)  # the 4 operation ids (0 b, 1 c, 2 s, 3 h) in application order
-P_GRAY, P_BLUR, P_SIGMA, P_FLIP = 13, 14, 15, 16
-NUM_PARAMS = 17
+from pipelines.crop_params import (NUM_PARAMS, P_BLUR, P_FACTORS, P_FLIP, P_GRAY, P_JITTER,  # noqa: F401
+                                  P_ORDER, P_ROI, P_SIGMA)
 
 _KERNEL = None
 _POOLS: dict[int, ThreadPoolExecutor] = {}

@@ -36,10 +36,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipelines.batch import MultiCropBatch
+from pipelines.batch import MultiCropBatch, current_device_id
 # the per-crop parameter vector fed to the graph (or to the fused CPU kernel)
-from pipelines.cpu_augment import NUM_PARAMS, P_BLUR, P_FACTORS, P_FLIP, P_GRAY, P_JITTER, P_ORDER, P_ROI, P_SIGMA
-from pipelines.reference import ImageSource, StepSampler, crop_recipes, draw_crop_params, scan_image_folder
+from pipelines.crop_params import NUM_PARAMS, P_BLUR, P_FACTORS, P_FLIP, P_GRAY, P_JITTER, P_ORDER, P_ROI, P_SIGMA
+from pipelines.images import ImageSource, scan_image_folder
+from pipelines.sampling import StepSampler
+from pipelines.reference import crop_recipes, draw_crop_params, probe_crop_params
 from wcl_fast.config import ConfigError, DataConfig
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL's "L" conversion
@@ -84,7 +86,7 @@ class EncodedReader:
         return np.frombuffer(data, dtype=np.uint8), width, height
 
     def _downscale(self, path: str, data: bytes, width: int, height: int) -> bytes:
-        from pipelines.reference import load_rgb
+        from pipelines.images import load_rgb
 
         scale = math.sqrt(self.max_pixels / (width * height))
         size = (max(1, int(width * scale)), max(1, int(height * scale)))
@@ -215,7 +217,7 @@ class DaliMultiCropLoader:
                  linear: bool = False, subset: list[int] | None = None, batch_size: int | None = None,
                  augment: str | None = None):
         """linear=True: the linear-probe / fine-tuning training view instead (one RandomResizedCrop
-        (0.08, 1) + flip per image, drawn like wcl_fast.linear.LinearTrainDataset). subset: sample ids
+        (0.08, 1) + flip per image, drawn like pipelines.reference.LinearTrainDataset). subset: sample ids
         the sampler ranges over (fine-tuning label subsets). batch_size: global batch (default data.batch_size)."""
         _import_dali()
         self.cfg, self.seed, self.linear = cfg, seed, linear
@@ -268,7 +270,7 @@ class DaliMultiCropLoader:
         for (data, width, height, actual, lab, subs), (_, requested) in zip(reads, keys):
             jpegs.append(data)
             if self.linear:
-                params[0].append(crop_param_vector(linear_crop_params(self.seed, epoch, requested, width, height),
+                params[0].append(crop_param_vector(probe_crop_params(self.seed, epoch, requested, width, height),
                                                    width, height))
             else:
                 rng = np.random.default_rng([self.seed, epoch, requested])
@@ -352,16 +354,6 @@ class DaliMultiCropLoader:
                     future.exception()
 
 
-def linear_crop_params(seed: int, epoch: int, index: int, width: int, height: int):
-    """The linear-probe training view of wcl_fast.linear.LinearTrainDataset: the same generator and draws
-    (RandomResizedCrop box with scale (0.08, 1), then a flip coin)."""
-    from pipelines.reference import CropParams, random_resized_crop_box
-
-    rng = np.random.default_rng([seed, epoch, index, 7])
-    box = random_resized_crop_box(rng, width, height, (0.08, 1.0), (3 / 4, 4 / 3))
-    return CropParams(box, None, (0, 1, 2, 3), False, None, bool(rng.random() < 0.5))
-
-
 def _to_torch(tensor_list, device_id: int | None) -> torch.Tensor:
     if device_id is None:
         return torch.from_numpy(tensor_list.as_array())
@@ -374,7 +366,7 @@ def _to_torch(tensor_list, device_id: int | None) -> torch.Tensor:
 
 
 def build_dali_loader(cfg: DataConfig, seed: int, rank: int, world: int) -> DaliMultiCropLoader:
-    device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
+    device_id = current_device_id()
     return DaliMultiCropLoader(cfg, seed, rank, world, device_id)
 
 
@@ -420,7 +412,7 @@ class DaliEvalLoader:
 
     def __init__(self, cfg: DataConfig, directory: str, key: str, batch_size: int, rank: int, world: int,
                  device_id: int | None = None):
-        from pipelines.reference import shard_range
+        from pipelines.sampling import shard_range
 
         _import_dali()
         self.cfg, self.batch_size, self.device_id = cfg, batch_size, device_id
@@ -462,6 +454,6 @@ class DaliEvalLoader:
 
 def build_dali_eval_loader(cfg: DataConfig, directory: str, key: str, batch_size: int, rank: int, world: int):
     """(loader, total samples, number of classes), like pipelines.reference.build_eval_loader."""
-    device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
+    device_id = current_device_id()
     loader = DaliEvalLoader(cfg, directory, key, batch_size, rank, world, device_id)
     return loader, len(loader.samples), len(loader.classes)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipelines.reference import IMAGE_EXTENSIONS, load_rgb_or_gray, scan_image_folder
+from pipelines.images import IMAGE_EXTENSIONS, load_rgb_or_gray, scan_image_folder
 from wcl_fast.config import ConfigError
 
 ARRAY_DATASETS = ("cifar10", "cifar100", "stl10")

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from pipelines.batch import MultiCropBatch
-from pipelines.reference import StepSampler, crop_recipes
+from pipelines.sampling import StepSampler
+from pipelines.reference import PROBE_STREAM, crop_recipes
 from wcl_fast.config import ConfigError, DataConfig
 
 
@@ -436,7 +437,7 @@ class FFCVEvalLoader:
         _import_ffcv()
         from ffcv.loader import Loader, OrderOption
 
-        from pipelines.reference import shard_range
+        from pipelines.sampling import shard_range
 
         self.cfg, self.device = cfg, device or torch.device("cpu")
         reader = open_beton(beton, key, cfg)  # header + metadata once: count and labels
@@ -469,7 +470,7 @@ class FFCVLinearLoader:
     a sample's view depends on (seed, epoch, index) only (FFCV's stock RandomResizedCrop decoder draws
     from an unseeded per-thread generator, so its crops would differ on every run)."""
 
-    STREAM = 7  # decorrelates the probe's draws from pre-training's (as the reference's [seed, e, i, 7])
+    STREAM = PROBE_STREAM  # decorrelates the probe's draws from pre-training's (as the reference's generator)
 
     def __init__(self, cfg: DataConfig, seed: int, rank: int, world: int, batch_size: int,
                  subset: list[int] | None = None, device: torch.device | None = None):

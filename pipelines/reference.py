@@ -1,4 +1,5 @@
-"""Reference multi-crop loader (torchvision / PIL): the executable specification of the augmentations.
+"""The executable specification of the augmentations (torchvision / PIL), and the reference loader built on it.
+Image files: pipelines/images.py; sample order and sharding: pipelines/sampling.py.
 
 Augmentations (docs/wcl.md §4; MoCo v2, Chen et al. 2020, arXiv 2003.04297; SimCLR, Chen et
 al. 2020, arXiv 2002.05709), applied independently to every crop in this order:
@@ -16,24 +17,18 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-import signal
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
-from pipelines.batch import MultiCropBatch
-from wcl_fast.config import ConfigError, DataConfig
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-MAX_SUBSTITUTIONS = 16  # an unreadable image is replaced by the next readable one, at most this far away
-
+from pipelines.batch import collate_eval
+from pipelines.images import ImageSource
+from pipelines.sampling import MultiCropLoader, StepSampler, ignore_stop_signals, shard_range
+from wcl_fast.config import DataConfig
 
 @dataclass(frozen=True)
 class CropRecipe:
@@ -174,127 +169,6 @@ def to_normalized_tensor(img: Image.Image, mean, std) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def scan_class_folder(folder: Path, warn=None) -> tuple[list[str], list[str]]:
-    """(image paths, other files) under one class folder, sorted, symlinked files and folders followed.
-    An entry with an image extension that is not a readable regular file (a symlink loop, a dangling link,
-    a file without read permission) is kept as an image path: the decoder then fails on it and it is
-    counted and named like every other unreadable image. Sub-folders that cannot be listed are named
-    through `warn` (default: a warning on stderr) instead of vanishing."""
-    warn = warn or (lambda text: print(f"warning: {text}", file=sys.stderr))
-    images, other = [], []
-
-    def unlistable(error: OSError) -> None:
-        warn(f"cannot list '{error.filename}' ({error.strerror}); its images are not used")
-
-    seen = set()
-    for top, dirs, files in os.walk(folder, onerror=unlistable, followlinks=True):
-        real = os.path.realpath(top)
-        if real in seen:  # reached twice through symlinks: each real folder is listed once
-            dirs[:] = []
-            continue
-        seen.add(real)
-        follow = []
-        for name in dirs:
-            path = os.path.join(top, name)
-            target = os.path.realpath(path)
-            if not os.path.isdir(path):  # a dangling or looping link: unreadable, named by the decoder
-                (images if Path(name).suffix.lower() in IMAGE_EXTENSIONS else other).append(path)
-            elif os.path.islink(path) and (real == target or real.startswith(target + os.sep)):
-                warn(f"'{path}' links back to '{target}' (a folder loop); not followed")
-            else:
-                follow.append(name)
-        dirs[:] = follow
-        for name in files:
-            path = os.path.join(top, name)
-            (images if Path(name).suffix.lower() in IMAGE_EXTENSIONS else other).append(path)
-    return sorted(images), sorted(other)
-
-
-def scan_image_folder(root: str | Path, key: str = "data.train_dir") -> tuple[list[tuple[str, int]], list[str]]:
-    """(samples [(path, class id)], class names) of an ImageFolder, sorted; clear errors when empty."""
-    root = Path(root)
-    if not root.is_dir():
-        raise ConfigError(f"{key}: '{root}' is not a directory; point it at an ImageFolder (one sub-folder per class)")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-    if not classes:
-        raise ConfigError(f"{key}: '{root}' has no class sub-folders; expected {root}/<class>/<image>.jpg")
-    samples = [(path, label) for label, name in enumerate(classes) for path in scan_class_folder(root / name)[0]]
-    if not samples:
-        raise ConfigError(f"{key}: '{root}' has class folders but no images ({', '.join(IMAGE_EXTENSIONS)})")
-    return samples, classes
-
-
-def load_rgb(path, draft: tuple[int, int] | None = None, keep_gray: bool = False) -> Image.Image:
-    """Decode an image (a path or a file object) fully as RGB (CMYK, grayscale, palette and alpha images are
-    converted; 16-bit grayscale, which PIL's RGB conversion would clip to white, is scaled to 8 bits:
-    v -> round(v / 257)). draft=(w, h): a JPEG may be decoded at 1/2, 1/4 or 1/8 scale, no smaller than that.
-    keep_gray: an 8-bit (or scaled 16-bit) grayscale image stays one channel ("L"); `apply_crop` and
-    `to_normalized_tensor` treat it as the RGB image with three equal channels, bit for bit, at a third of
-    the work (see `load_rgb_or_gray`)."""
-    with Image.open(path) as img:
-        if draft is not None and img.format == "JPEG":
-            img.draft("RGB", draft)
-        img.load()
-        if img.mode.startswith("I"):  # "I;16", "I;16B", ... and "I" (how PIL opens 16-bit PNGs)
-            wide = np.asarray(img, dtype=np.float64)
-            img = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), mode="L")
-        elif img.mode in ("P", "PA", "LA"):
-            img = img.convert("RGBA")  # palette / alpha: resolve transparency before dropping alpha
-        if keep_gray and img.mode == "L":
-            return img.copy()  # detached from the file (the context closes it)
-        return img.convert("RGB")
-
-
-def load_rgb_or_gray(path) -> Image.Image:
-    """The decoder of the PIL loaders: `load_rgb`, but a grayscale image stays one channel. Its crops,
-    jitter, blur and tensors equal those of its RGB conversion exactly (tested), because every operation
-    of the chain acts on three equal channels as on one: resize, brightness, contrast (its mean is that of
-    the luma, which equals the gray value), blur and flip are per-channel; saturation, hue and grayscale
-    leave a gray image unchanged (PIL's luma weights sum to exactly 1 in its fixed-point arithmetic)."""
-    return load_rgb(path, keep_gray=True)
-
-
-class ImageSource:
-    """Reads samples of an ImageFolder; an unreadable file is replaced by the next readable sample.
-    decode(path) returns what a reader needs (default: the RGB image) and raises when the file is unusable."""
-
-    def __init__(self, samples: list[tuple[str, int]], decode=None):
-        self.samples = samples
-        self.decode = decode or load_rgb
-        self._warned = 0
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def _failed(self, path: str, exc: Exception, instead: str) -> None:
-        if self._warned < 20:
-            self._warned += 1
-            print(f"warning: skipped unreadable image '{path}' ({type(exc).__name__}: {exc}); {instead}", file=sys.stderr)
-
-    def read(self, index: int) -> tuple[Image.Image, int, int, int]:
-        """(decoded image, actual index, label, number of unreadable files skipped): training, where a
-        batch keeps its size."""
-        for attempt in range(MAX_SUBSTITUTIONS):
-            actual = (index + attempt) % len(self.samples)
-            path, label = self.samples[actual]
-            try:
-                return self.decode(path), actual, label, attempt
-            except Exception as exc:  # any decoder failure: count it, warn, and use the next sample
-                self._failed(path, exc, "using the next sample instead")
-        raise RuntimeError(f"{MAX_SUBSTITUTIONS} consecutive unreadable images from sample {index} "
-                           f"('{self.samples[index][0]}'); check the dataset")
-
-    def read_or_none(self, index: int):
-        """(decoded image, label) of sample index, or None when it is unreadable: evaluation, where an
-        unreadable image is left out and counted, never replaced by another one."""
-        path, label = self.samples[index]
-        try:
-            return self.decode(path), label
-        except Exception as exc:
-            self._failed(path, exc, "left out of the evaluation")
-            return None
-
-
 class MultiCropDataset(Dataset):
     """Key (epoch, index) -> 2 global + L local augmented crops of one image (normalised tensors)."""
 
@@ -315,89 +189,32 @@ class MultiCropDataset(Dataset):
         return globals_, locals_, actual, label, failed
 
 
-def collate_multicrop(items) -> MultiCropBatch:
-    """Stack samples view-major: globals [2B,3,H,W], locals [L*B,3,h,w]."""
-    num_local = len(items[0][1])
-    globals_ = torch.stack([item[0][v] for v in range(2) for item in items])
-    locals_ = torch.stack([item[1][l] for l in range(num_local) for item in items]) if num_local else None
-    index = torch.tensor([item[2] for item in items], dtype=torch.int64)
-    label = torch.tensor([item[3] for item in items], dtype=torch.int64)
-    return MultiCropBatch(globals_, locals_, index, label, sum(item[4] for item in items))
+PROBE_STREAM = 7  # 4th key of the probe view's generator: its draws are independent of pre-training's
 
 
-class StepSampler(Sampler):
-    """Per-step sample keys for one rank: a seeded global permutation cut into global batches.
+def probe_crop_params(seed: int, epoch: int, index: int, width: int, height: int) -> CropParams:
+    """The training view of the linear probe and of fine-tuning (docs/wcl.md §5): a RandomResizedCrop box
+    with scale (0.08, 1), then a flip coin, from default_rng([seed, epoch, index, PROBE_STREAM]); no
+    colour, grayscale or blur. The DALI and FFCV probe loaders make the same choices."""
+    rng = np.random.default_rng([seed, epoch, index, PROBE_STREAM])
+    box = random_resized_crop_box(rng, width, height, (0.08, 1.0), (3 / 4, 4 / 3))
+    return CropParams(box, None, (0, 1, 2, 3), False, None, bool(rng.random() < 0.5))
 
-    Step s of epoch e uses perm_e[s*N : (s+1)*N] (N = global batch) and rank r takes the slice
-    [r*b, (r+1)*b) of it, so rank r owns rows [r*b, (r+1)*b) of the global batch and the global
-    batch does not depend on the number of ranks. drop_last: steps_per_epoch = len // N.
-    """
 
-    def __init__(self, num_samples: int, global_batch: int, rank: int, world: int, seed: int, shuffle: bool = True):
-        if global_batch % world:
-            raise ConfigError(f"data.batch_size={global_batch} is not divisible by the world size {world}; "
-                              f"choose a multiple of {world}")
-        self.steps_per_epoch = num_samples // global_batch
-        if self.steps_per_epoch == 0:
-            raise ConfigError(f"data.batch_size={global_batch} exceeds the dataset size ({num_samples}); "
-                              f"lower data.batch_size")
-        self.num_samples, self.global_batch, self.rank, self.world = num_samples, global_batch, rank, world
-        self.seed, self.shuffle = seed, shuffle
-        self.epoch, self.start_step = 0, 0
+class LinearTrainDataset(Dataset):
+    """Key (epoch, index) -> the probe's training view of one image (`probe_crop_params`), normalised."""
 
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.start_step = epoch, start_step
-
-    def permutation(self, epoch: int) -> torch.Tensor:
-        if not self.shuffle:
-            return torch.arange(self.num_samples)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.num_samples, generator=generator)
-
-    def __iter__(self):
-        perm = self.permutation(self.epoch).tolist()
-        local = self.global_batch // self.world
-        for step in range(self.start_step, self.steps_per_epoch):
-            start = step * self.global_batch + self.rank * local
-            yield [(self.epoch, i) for i in perm[start:start + local]]
+    def __init__(self, source: ImageSource, cfg: DataConfig, seed: int):
+        self.source, self.cfg, self.seed = source, cfg, seed
 
     def __len__(self) -> int:
-        return self.steps_per_epoch - self.start_step
+        return len(self.source)
 
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader worker_init_fn: workers ignore SIGINT and SIGTERM.
-
-    Clusters (SLURM, timeout, container runtimes) and Ctrl-C signal the whole process group; a worker
-    that died of it would make the trainer fail with 'DataLoader worker killed by signal' before it
-    could write its checkpoint. The trainer alone handles the signal (checkpoint, then exit); workers
-    end when it closes the loader, or within seconds of its death (PyTorch's worker watchdog)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-class MultiCropLoader:
-    """Iterates MultiCropBatch for one epoch at a time (`loader.epoch(e, start_step)`)."""
-
-    def __init__(self, dataset: Dataset, sampler: StepSampler, workers: int, pin_memory: bool, collate=collate_multicrop):
-        self.sampler = sampler
-        kwargs = dict(num_workers=workers, pin_memory=pin_memory, collate_fn=collate, batch_sampler=sampler,
-                      worker_init_fn=ignore_stop_signals)
-        if workers > 0:
-            kwargs.update(persistent_workers=True, prefetch_factor=4)
-        self.loader = DataLoader(dataset, **kwargs)
-
-    def __len__(self) -> int:
-        return self.sampler.steps_per_epoch
-
-    @property
-    def num_samples(self) -> int:
-        """Dataset size (sample ids are 0 .. num_samples - 1)."""
-        return self.sampler.num_samples
-
-    def epoch(self, epoch: int, start_step: int = 0):
-        self.sampler.set_epoch(epoch, start_step)
-        return iter(self.loader)
+    def __getitem__(self, key):
+        epoch, index = key
+        img, actual, label, failed = self.source.read(index)
+        crop = apply_crop(img, probe_crop_params(self.seed, epoch, index, img.width, img.height), self.cfg.global_size)
+        return [to_normalized_tensor(crop, self.cfg.mean, self.cfg.std)], [], actual, label, failed
 
 
 class EvalDataset(Dataset):
@@ -418,22 +235,6 @@ class EvalDataset(Dataset):
         img, label = read
         img = TF.center_crop(TF.resize(img, self.cfg.eval_resize), self.cfg.eval_crop)
         return [to_normalized_tensor(img, self.cfg.mean, self.cfg.std)], [], index, label, 0
-
-
-def collate_eval(items) -> MultiCropBatch:
-    """Single view: globals [B,3,H,W] of the readable images (B may be 0); failed = the unreadable ones."""
-    kept = [item for item in items if item is not None]
-    globals_ = torch.stack([item[0][0] for item in kept]) if kept else torch.zeros((0, 3, 1, 1))
-    index = torch.tensor([item[2] for item in kept], dtype=torch.int64)
-    label = torch.tensor([item[3] for item in kept], dtype=torch.int64)
-    return MultiCropBatch(globals_, None, index, label, len(items) - len(kept) + sum(item[4] for item in kept))
-
-
-def shard_range(num_samples: int, rank: int, world: int) -> range:
-    """Contiguous, unpadded shard of [0, num_samples) for `rank` (sizes differ by at most one)."""
-    base, extra = divmod(num_samples, world)
-    start = rank * base + min(rank, extra)
-    return range(start, start + base + (1 if rank < extra else 0))
 
 
 def build_train_loader(cfg: DataConfig, seed: int, rank: int, world: int, pin_memory: bool) -> MultiCropLoader:

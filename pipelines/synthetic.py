@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from pipelines.reference import MultiCropLoader, StepSampler, collate_multicrop
+from pipelines.sampling import MultiCropLoader, StepSampler
+from pipelines.batch import collate_multicrop
 from wcl_fast.config import DataConfig
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-call GPU check (issues 3, 4, 8): GPU tests, the step bench, the kernel bench and (where DALI is
+# One-call GPU check: GPU tests, the step bench, the kernel bench and (where DALI is
 # installed) the loader bench; results and one JSON report under ${OUT:-gpu_check_out}. Budget: < 8 min.
 # Usage on a CUDA machine from the repository root: bash scripts/gpu_check.sh
 set -uo pipefail

@@ -49,7 +49,7 @@ def _noise(h: int, w: int, seed: int) -> np.ndarray:
 
 
 def test_16bit_png_is_scaled_to_8_bits(tmp_path):
-    from pipelines.reference import load_rgb
+    from pipelines.images import load_rgb
 
     wide = np.array([[0, 257 * 100, 65535, 300], [128, 257 * 7 + 128, 40000, 1000]], dtype=np.uint16)
     path = tmp_path / "wide.png"
@@ -82,7 +82,8 @@ def _folder_with_links(root: Path) -> tuple[Path, list[str]]:
 
 
 def test_symlink_loops_and_dangling_links_are_counted_and_named(tmp_path, capfd):
-    from pipelines.reference import build_eval_loader, scan_image_folder
+    from pipelines.images import scan_image_folder
+    from pipelines.reference import build_eval_loader
 
     root, unreadable = _folder_with_links(tmp_path / "val")
     samples, classes = scan_image_folder(root, "data.val_dir")

@@ -46,7 +46,7 @@ def test_round_trip_labels_indices_and_pixels(tmp_path):
     side = json.loads((tmp_path / "d.beton.json").read_text())
     assert side["paths"] == summary["paths"] and len(side["paths"]) == 24
     # raw mode stores the pixels: every record equals the RGB decode of its source file
-    from pipelines.reference import load_rgb
+    from pipelines.images import load_rgb
 
     blob = np.memmap(tmp_path / "d.beton", dtype=np.uint8, mode="r")
     sizes = {int(row["ptr"]): int(row["size"]) for row in reader.alloc_table}

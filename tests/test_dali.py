@@ -15,6 +15,9 @@ pytest.importorskip("nvidia.dali")
 from conftest import write_colour_folder, write_odd_images  # noqa: E402
 from pipelines import dali as D  # noqa: E402
 from pipelines import reference as R  # noqa: E402
+from pipelines.batch import collate_multicrop  # noqa: E402
+from pipelines.images import ImageSource  # noqa: E402
+from pipelines.sampling import StepSampler  # noqa: E402
 from wcl_fast.config import DataConfig, load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +47,7 @@ def test_batch_contract_and_determinism(colour_folder, augment):
     low = min((0 - m) / s for m, s in zip(cfg.mean, cfg.std))
     high = max((1 - m) / s for m, s in zip(cfg.mean, cfg.std))
     assert batch.globals.min() >= low - 1e-4 and batch.globals.max() <= high + 1e-4
-    perm = R.StepSampler(90, 30, 0, 1, 3).permutation(0)[:30]
+    perm = StepSampler(90, 30, 0, 1, 3).permutation(0)[:30]
     assert batch.index.tolist() == perm.tolist()  # the trainer's global permutation, no shuffle buffer
     assert batch.label.tolist() == [loader.samples[i][1] for i in perm.tolist()]
     again = next(D.DaliMultiCropLoader(cfg, seed=3, rank=0, world=1).epoch(0))
@@ -63,8 +66,8 @@ def test_crops_match_the_reference_loader(colour_folder, switch, augment):
     cfg = _cfg(colour_folder, aug_switch_epoch=switch, batch_size=90, dali_augment=augment)
     loader = D.DaliMultiCropLoader(cfg, seed=0, rank=0, world=1)
     batch = next(loader.epoch(1))
-    dataset = R.MultiCropDataset(R.ImageSource(loader.samples), cfg, seed=0)
-    ref = R.collate_multicrop([dataset[(1, i)] for i in batch.index.tolist()])
+    dataset = R.MultiCropDataset(ImageSource(loader.samples), cfg, seed=0)
+    ref = collate_multicrop([dataset[(1, i)] for i in batch.index.tolist()])
     for ours, theirs in ((batch.globals, ref.globals), (batch.locals, ref.locals)):  # 180 + 180 crops
         per_crop = (ours - theirs).abs().flatten(1).mean(1)
         assert per_crop.max() < 0.08, per_crop.max()  # < 4/255 grey levels on average in every crop
@@ -111,7 +114,7 @@ def test_two_shards_cover_each_epoch_once(colour_folder):
         assert len(loader) == 4  # 90 // 20, drop_last
         seen.append([i for batch in loader.epoch(2) for i in batch.index.tolist()])
     assert len(seen[0]) == len(seen[1]) == 40 and not set(seen[0]) & set(seen[1])
-    assert sorted(seen[0] + seen[1]) == sorted(R.StepSampler(90, 20, 0, 1, 1).permutation(2)[:80].tolist())
+    assert sorted(seen[0] + seen[1]) == sorted(StepSampler(90, 20, 0, 1, 1).permutation(2)[:80].tolist())
 
 
 def test_odd_and_corrupt_files_are_decoded_or_skipped(tmp_path, capsys):
@@ -125,7 +128,7 @@ def test_odd_and_corrupt_files_are_decoded_or_skipped(tmp_path, capsys):
     assert names <= {"cmyk.jpg", "gray.jpg", "palette.png", "alpha.png", "tiny.jpg", "ok.jpg"}
     err = capsys.readouterr().err
     assert "garbage.jpg" in err and "truncated.jpg" in err
-    dataset = R.MultiCropDataset(R.ImageSource(loader.samples), cfg, seed=0)
+    dataset = R.MultiCropDataset(ImageSource(loader.samples), cfg, seed=0)
     requested = loader.sampler.permutation(0)[:8].tolist()
     compared = 0
     for row, (want, got) in enumerate(zip(requested, batch.index.tolist())):
@@ -213,7 +216,7 @@ def test_knn_monitor_runs_on_dali_eval(colour_folder):
 
 def test_linear_training_view_matches_the_reference_and_runs(colour_folder, tmp_path):
     """The linear-probe / fine-tuning training view in DALI: the same RandomResizedCrop + flip choices
-    as wcl_fast.linear.LinearTrainDataset; linear probe and fine-tuning run on data.backend=dali."""
+    as pipelines.reference.LinearTrainDataset; linear probe and fine-tuning run on data.backend=dali."""
     from wcl_fast.finetune import finetune
     from wcl_fast.linear import LinearTrainDataset, train_linear
 
@@ -221,7 +224,7 @@ def test_linear_training_view_matches_the_reference_and_runs(colour_folder, tmp_
     loader = D.DaliMultiCropLoader(cfg, seed=2, rank=0, world=1, linear=True)
     batch = next(loader.epoch(1))
     assert batch.globals.shape == (30, 3, 32, 32) and batch.locals is None
-    reference = LinearTrainDataset(R.ImageSource(loader.samples), cfg, seed=2)
+    reference = LinearTrainDataset(ImageSource(loader.samples), cfg, seed=2)
     ref = torch.stack([reference[(1, i)][0][0] for i in batch.index.tolist()])
     per_image = (batch.globals - ref).abs().flatten(1).mean(1)
     assert per_image.max() < 0.05, per_image.max()

@@ -60,7 +60,7 @@ def test_graph_tau_sets_head_2_temperature_only():
 
 
 def test_graph_tau_on_the_knn_rule_path():
-    from wcl_fast.objectives.runner import compute_loss
+    from wcl_fast.objectives.wcl import compute_loss
 
     n, crops, d = 6, 2, 8
     z1, z2, u1, u2 = (normalized(n, d, seed=s + 120) for s in range(4))

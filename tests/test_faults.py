@@ -15,7 +15,7 @@ import torch
 from conftest import THREADS, write_colour_folder
 from wcl_fast.config import ConfigError, load_config
 from wcl_fast.train import main as train_main
-from wcl_fast.train import train
+from wcl_fast.train import train, train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "cpu_smoke.yaml"
@@ -107,7 +107,7 @@ def test_sigterm_to_the_torchrun_agent_checkpoints_and_resume_continues_exactly(
 
 
 def test_signals_repeated_within_moments_are_one_request():
-    from wcl_fast.train import StopRequest
+    from wcl_fast.signals import StopRequest
 
     stop = StopRequest()
     stop.install()
@@ -175,7 +175,7 @@ def test_nonfinite_stop_writes_no_poisoned_checkpoint_and_names_the_last_good_on
     err = capsys.readouterr().err
     assert err.count("error:") == 1
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    from wcl_fast.train import nonfinite_entries
+    from wcl_fast.checkpoint import nonfinite_entries
 
     assert nonfinite_entries({k: state[k] for k in ("model", "optimizer", "objective")}) == []
     assert (f"the last good checkpoint is '{tmp_path / 'checkpoint.pt'}' (epoch {state['epoch']}, step "
@@ -190,25 +190,25 @@ def test_a_skipped_step_leaves_no_trace_in_any_state(objective):
     from pipelines.synthetic import build_synthetic_loader
     from wcl_fast import dist as wdist
     from wcl_fast.model import build_model
-    from wcl_fast.objectives import runner
+    from wcl_fast import objectives
     from wcl_fast.optim import build_optimizer
 
     cfg = load_config(SMOKE, ["data.local_crops=0", *objective])
     torch.manual_seed(0)
-    model = build_model(cfg.model, two_heads=runner.two_heads(cfg))
+    model = build_model(cfg.model, two_heads=objectives.two_heads(cfg))
     optimizer = build_optimizer(model, cfg.optim, skip_nonfinite=True)
     for group in optimizer.param_groups:
         group["lr"] = 0.1
-    objective = runner.build_objective(cfg, model, wdist.DistContext(), 128)
+    objective = objectives.build_objective(cfg, model, wdist.DistContext(), 128)
     batch = next(build_synthetic_loader(cfg.data, 0, 0, 1).epoch(0, 0))
-    autocast = runner.autocast_factory(torch.device("cpu"), None)
+    autocast = objectives.autocast_factory(torch.device("cpu"), None)
 
     def snapshot():
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "objective": objective.state_dict()}
         return {k: v.clone() if torch.is_tensor(v) else v for k, v in _flatten(state).items()}
 
     before = snapshot()
-    objective.train_step(model, batch, 0, 10, autocast, optimizer)
+    train_step(objective, model, batch, 0, 10, autocast, optimizer)
     assert bool(optimizer.last_step_ok)
     after_good = snapshot()
     changed = [k for k in before if not _equal(before[k], after_good[k])]
@@ -216,7 +216,7 @@ def test_a_skipped_step_leaves_no_trace_in_any_state(objective):
     if "objective" in "".join(changed) or objective.state_dict():
         assert any(k.startswith("objective.") for k in changed)  # EMA keys / queue moved
     batch.globals[0, 0, 0, 0] = float("nan")
-    objective.train_step(model, batch, 1, 10, autocast, optimizer)
+    train_step(objective, model, batch, 1, 10, autocast, optimizer)
     assert not bool(optimizer.last_step_ok)
     after_bad = snapshot()
     assert [k for k in after_good if not _equal(after_good[k], after_bad[k])] == []
@@ -336,7 +336,7 @@ def test_bad_checkpoints_are_one_line_and_exit_2_in_every_command(tmp_path, caps
 
 def test_a_torchvision_state_dict_loads_in_knn_and_the_linear_probe(tmp_path):
     from wcl_fast.config import to_dict
-    from wcl_fast.linear import load_encoder
+    from wcl_fast.evaluation import load_encoder
     from wcl_fast.model import build_encoder
 
     weights = build_encoder("resnet18").state_dict()

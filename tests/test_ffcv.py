@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import write_odd_images
 from pipelines import augment as A
-from pipelines.reference import StepSampler
+from pipelines.sampling import StepSampler
 
 ROOT = Path(__file__).resolve().parent.parent
 

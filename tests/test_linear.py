@@ -72,7 +72,7 @@ def test_seeded_subset_is_class_balanced_and_stable():
 
 
 def test_subset_file_paths_and_missing_entries(colour_folders, tmp_path):
-    from pipelines.reference import scan_image_folder
+    from pipelines.images import scan_image_folder
     from wcl_fast.config import ConfigError
     from wcl_fast.finetune import read_subset_file
 

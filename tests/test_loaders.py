@@ -6,8 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.reference import (MultiCropDataset, ImageSource, StepSampler, collate_multicrop, crop_recipes,
-                                 random_resized_crop_box, scan_image_folder, shard_range)
+from pipelines.images import ImageSource, scan_image_folder
+from pipelines.sampling import StepSampler, shard_range
+from pipelines.batch import collate_multicrop
+from pipelines.reference import MultiCropDataset, crop_recipes, random_resized_crop_box
 from wcl_fast.config import ConfigError, DataConfig, load_config
 
 
@@ -194,7 +196,7 @@ def test_synthetic_loader_contract():
 def test_gray_images_are_cropped_as_one_channel_exactly_as_their_rgb_conversion(digit_folder, tmp_path):
     """load_rgb_or_gray keeps a grayscale image one channel; every crop, jitter, blur and tensor must equal
     the RGB path's bit for bit, in both augmentation phases, global and local crops, flips included."""
-    from pipelines.reference import load_rgb, load_rgb_or_gray
+    from pipelines.images import load_rgb, load_rgb_or_gray
 
     samples, _ = scan_image_folder(digit_folder)
     # a gray PNG with strong gradients too (JPEG digits are mostly flat 0 / 255)

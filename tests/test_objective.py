@@ -9,7 +9,8 @@ import torch.multiprocessing as mp
 
 import naive
 from conftest import free_port, normalized
-from wcl_fast.objectives.wcl import contrastive_rows, wcl_loss, wcl_loss_terms, weak_labels
+from wcl_fast.objectives.rows import contrastive_rows
+from wcl_fast.objectives.wcl import wcl_loss, wcl_loss_terms, weak_labels
 
 
 @pytest.mark.parametrize("n,d,tau", [(2, 3, 0.1), (5, 4, 0.1), (16, 8, 0.2), (31, 16, 0.1), (64, 32, 0.5)])
@@ -104,11 +105,11 @@ def _rank_worker(rank, world, port, inputs, differentiable, queue):
     from wcl_fast.objectives.wcl import weak_labels_sharded
 
     sharded = weak_labels_sharded(u1, gathered[2], rank * b).numpy().copy()
-    from wcl_fast.objectives.wcl import knn_batch_labels
+    from knn_two_pass import knn_batch_labels, wcl_knn_two_pass
 
     knn_labels = knn_batch_labels(u1.detach(), u2.detach(), u_local)
-    knn_terms = wcl_loss_terms(z1, z2, u1, u2, *gathered, offset=rank * b, z_local=z_local, u_local=u_local,
-                               rule="knn", image_labels=knn_labels)
+    knn_terms = wcl_knn_two_pass(z1, z2, u1, u2, *gathered, offset=rank * b, z_local=z_local, u_local=u_local,
+                               image_labels=knn_labels)
     from wcl_fast.objectives.wcl import knn_graph_rows_fused
 
     fused_rows, fused_labels, _ = knn_graph_rows_fused(u1, u2, u_local, gathered[2], gathered[3], 0.1)
@@ -149,10 +150,10 @@ def test_two_processes_give_the_single_process_loss_and_gradients():
     (terms.nce + terms.graph).backward()
     results = _run_two_ranks(inputs, differentiable=True)
     single_labels = weak_labels(u1).numpy()
-    from wcl_fast.objectives.wcl import knn_batch_labels
+    from knn_two_pass import knn_batch_labels, wcl_knn_two_pass
 
     single_knn = knn_batch_labels(u1, u2, ul)
-    knn_terms = wcl_loss_terms(z1, z2, u1, u2, z1, z2, u1, u2, z_local=zl, u_local=ul, rule="knn", image_labels=single_knn)
+    knn_terms = wcl_knn_two_pass(z1, z2, u1, u2, z1, z2, u1, u2, z_local=zl, u_local=ul, image_labels=single_knn)
     for rank in range(2):
         mean, grads, (sharded_labels, knn_labels, knn_mean) = results[rank]
         assert naive.same_partition(knn_labels, single_knn.numpy())
@@ -194,7 +195,7 @@ def test_detached_gather_matches_reference_semantics():
 
 @pytest.mark.parametrize("n,crops", [(5, 2), (12, 6)])
 def test_knn_multicrop_rule_matches_naive(n, crops):
-    from wcl_fast.objectives.wcl import knn_batch_labels
+    from knn_two_pass import knn_batch_labels, wcl_knn_two_pass
 
     d = 8
     z1, z2, u1, u2 = (normalized(n, d, seed=s + 40) for s in range(4))
@@ -203,7 +204,7 @@ def test_knn_multicrop_rule_matches_naive(n, crops):
     ref_nce, ref_graph, ref_labels = naive.knn_rule_terms(z1.numpy(), z2.numpy(), u1.numpy(), u2.numpy(),
                                                           z_local.numpy(), u_local.numpy())
     assert naive.same_partition(labels.numpy(), ref_labels)
-    terms = wcl_loss_terms(z1, z2, u1, u2, z1, z2, u1, u2, z_local=z_local, u_local=u_local, rule="knn",
+    terms = wcl_knn_two_pass(z1, z2, u1, u2, z1, z2, u1, u2, z_local=z_local, u_local=u_local,
                            image_labels=labels)
     assert terms.nce.item() == pytest.approx(ref_nce, rel=1e-5)
     assert terms.graph.item() == pytest.approx(ref_graph, rel=1e-5)
@@ -212,8 +213,9 @@ def test_knn_multicrop_rule_matches_naive(n, crops):
 @pytest.mark.parametrize("n,crops", [(5, 2), (12, 6)])
 def test_knn_one_pass_form_matches_naive_and_the_two_pass_form(n, crops):
     """knn_graph_rows_fused (1-NN + logits from one similarity pass; the trainer's knn path) equals the
-    float64 loops and, gradient included, the two-pass form (knn_batch_labels + wcl_loss_terms)."""
-    from wcl_fast.objectives.wcl import knn_batch_labels, knn_graph_rows_fused
+    float64 loops and, gradient included, the two-pass form (tests/knn_two_pass.py)."""
+    from knn_two_pass import knn_batch_labels, wcl_knn_two_pass
+    from wcl_fast.objectives.wcl import knn_graph_rows_fused
 
     d = 8
     z1, z2, u1, u2 = (normalized(n, d, seed=s + 60) for s in range(4))
@@ -227,8 +229,8 @@ def test_knn_one_pass_form_matches_naive_and_the_two_pass_form(n, crops):
     assert rows.mean().item() == pytest.approx(ref_graph, rel=1e-5)
     rows.mean().backward()
     two_pass = [t.clone().requires_grad_() for t in (u1, u2, u_local)]
-    terms = wcl_loss_terms(z1, z2, two_pass[0], two_pass[1], z1, z2, two_pass[0], two_pass[1], z_local=z_local,
-                           u_local=two_pass[2], rule="knn", image_labels=knn_batch_labels(u1, u2, u_local))
+    terms = wcl_knn_two_pass(z1, z2, two_pass[0], two_pass[1], z1, z2, two_pass[0], two_pass[1], z_local=z_local,
+                           u_local=two_pass[2], image_labels=knn_batch_labels(u1, u2, u_local))
     terms.graph.backward()
     for ours, theirs in zip(leaves, two_pass):
         torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-5, atol=1e-7)
@@ -266,7 +268,7 @@ def test_sync_free_edge_components_report_convergence():
     exact = connected_components_edges(path[:-1], path[1:], n)
     assert len(set(exact.tolist())) == 1
     x = normalized(n, 16, seed=1).view(n // 4, 4, 16)  # 1024 images x 4 crops (2 global, 2 local)
-    from wcl_fast.objectives.wcl import knn_batch_labels
+    from knn_two_pass import knn_batch_labels
 
     u1, u2, u_local = x[:, 0], x[:, 1], torch.cat([x[:, 2], x[:, 3]])
     fixed, ok = knn_batch_labels(u1, u2, u_local, fixed_blocks=2)

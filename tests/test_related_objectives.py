@@ -12,7 +12,8 @@ from wcl_fast.objectives.momentum import EMAEncoder, KeyQueue
 from wcl_fast.objectives.simclr import simclr_loss
 from wcl_fast.objectives.slr import (mix_targets, mixup_draw, momentum_mixup, mu_at, refinery_targets,
                                      slr_terms)
-from wcl_fast.objectives.wcl import contrastive_rows, nce_rows, wcl_loss_terms
+from wcl_fast.objectives.rows import contrastive_rows, nce_rows
+from wcl_fast.objectives.wcl import wcl_loss_terms
 
 
 def normalized(n, d, generator):

@@ -12,7 +12,7 @@ import torch
 
 from conftest import free_port, no_host_sync
 from wcl_fast.config import load_config
-from wcl_fast.train import train
+from wcl_fast.train import train, train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "cpu_smoke.yaml"
@@ -140,7 +140,7 @@ def test_training_step_has_no_host_sync_on_cuda(rule):
     """Forward, WCL loss (1-NN graph + components), backward and LARS under sync-debug 'error'."""
     from wcl_fast.model import build_model
     from wcl_fast.optim import build_optimizer
-    from wcl_fast.train import compute_loss
+    from wcl_fast.objectives.wcl import compute_loss
 
     cfg = load_config(SMOKE, ["data.batch_size=64", "data.local_crops=2", f"loss.multicrop_rule={rule}"])
     device = torch.device("cuda")
@@ -168,9 +168,9 @@ def test_training_step_has_no_host_sync_on_cuda(rule):
 
 def _inject_nan(monkeypatch, bad_steps):
     """Make the loss NaN (so every gradient is NaN) at the given 0-based global steps."""
-    import wcl_fast.objectives.runner as runner
+    import wcl_fast.objectives.wcl as wcl_module
 
-    real = runner.compute_loss
+    real = wcl_module.compute_loss
     calls = {"n": 0}
 
     def patched(*args, **kwargs):
@@ -181,7 +181,7 @@ def _inject_nan(monkeypatch, bad_steps):
             return type(terms)(terms.nce * float("nan"), terms.graph)
         return terms
 
-    monkeypatch.setattr(runner, "compute_loss", patched)
+    monkeypatch.setattr(wcl_module, "compute_loss", patched)
 
 
 def test_nan_step_is_skipped_and_counted(tmp_path, monkeypatch):
@@ -317,27 +317,27 @@ def test_objective_steps_have_no_host_sync_on_cuda(objective):
     from pipelines.batch import MultiCropBatch
     from wcl_fast import dist as wdist
     from wcl_fast.model import build_model
-    from wcl_fast.objectives import runner
+    from wcl_fast import objectives
     from wcl_fast.optim import build_optimizer
 
     cfg = load_config(SMOKE, ["data.batch_size=64", "data.local_crops=2", *objective])
     device = torch.device("cuda")
-    model = build_model(cfg.model, two_heads=runner.two_heads(cfg)).to(device, memory_format=torch.channels_last)
+    model = build_model(cfg.model, two_heads=objectives.two_heads(cfg)).to(device, memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.optim, skip_nonfinite=True)
     for group in optimizer.param_groups:
         group["lr"] = 0.1
     ctx = wdist.DistContext(device=device)
-    objective_state = runner.build_objective(cfg, model, ctx, num_samples=64)
+    objective_state = objectives.build_objective(cfg, model, ctx, 64)
     if cfg.loss.objective == "clinfonce":
         objective_state.table = torch.randint(0, 8, (64,), device=device)
     batch = MultiCropBatch(torch.randn(128, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last),
                            torch.randn(128, 3, 16, 16, device=device).contiguous(memory_format=torch.channels_last),
                            torch.arange(64, device=device), torch.zeros(64, dtype=torch.int64, device=device))
-    autocast = runner.autocast_factory(device, torch.bfloat16)
+    autocast = objectives.autocast_factory(device, torch.bfloat16)
     state = {"step": 0}
 
-    def step():  # the trainer's own step (Objective.train_step)
-        terms = objective_state.train_step(model, batch, state["step"], 100, autocast, optimizer)
+    def step():  # the trainer's own step
+        terms, _ = train_step(objective_state, model, batch, state["step"], 100, autocast, optimizer)
         state["step"] += 1
         return terms
 

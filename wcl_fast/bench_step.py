@@ -78,30 +78,31 @@ def run(cfg, steps: int, warmup: int, rounds: int, scaling: float) -> dict:
     from pipelines.batch import MultiCropBatch
     from wcl_fast import dist as wdist
     from wcl_fast.model import build_model
-    from wcl_fast.objectives import runner
+    from wcl_fast import objectives
     from wcl_fast.optim import build_optimizer
-    from wcl_fast.train import autocast_dtype
+    from wcl_fast.runtime import autocast_dtype, memory_format
+    from wcl_fast.train import train_step
 
     ctx = wdist.init_distributed()
     device = ctx.device
     torch.manual_seed(cfg.train.seed)
     b = cfg.data.batch_size
-    fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-    model = build_model(cfg.model, two_heads=runner.two_heads(cfg)).to(device, memory_format=fmt)
+    fmt = memory_format(cfg.model.channels_last)
+    model = build_model(cfg.model, two_heads=objectives.two_heads(cfg)).to(device, memory_format=fmt)
     if cfg.model.compile:
         model.net.compile(mode=cfg.model.compile)
     optimizer = build_optimizer(model, cfg.optim, skip_nonfinite=cfg.train.max_bad_steps > 0)
     for group in optimizer.param_groups:
         group["lr"] = 0.1
     dtype = autocast_dtype(cfg.train.precision)
-    autocast = runner.autocast_factory(device, dtype)
+    autocast = objectives.autocast_factory(device, dtype)
     globals_ = torch.randn(2 * b, 3, cfg.data.global_size, cfg.data.global_size, device=device).contiguous(memory_format=fmt)
     locals_ = None
     if cfg.data.local_crops:
         locals_ = torch.randn(cfg.data.local_crops * b, 3, cfg.data.local_size, cfg.data.local_size,
                               device=device).contiguous(memory_format=fmt)
     batch = MultiCropBatch(globals_, locals_, torch.arange(b, device=device), torch.zeros(b, dtype=torch.int64, device=device))
-    objective = runner.build_objective(cfg, model, ctx, num_samples=max(b, cfg.loss.clinfonce.kmeans_k))
+    objective = objectives.build_objective(cfg, model, ctx, max(b, cfg.loss.clinfonce.kmeans_k))
     if cfg.loss.objective == "clinfonce" and getattr(objective, "table", None) is None:
         k = min(cfg.loss.clinfonce.kmeans_k, b)
         objective.table = torch.randint(0, k, (max(b, cfg.loss.clinfonce.kmeans_k),), device=device)
@@ -116,7 +117,7 @@ def run(cfg, steps: int, warmup: int, rounds: int, scaling: float) -> dict:
         model.zero_grad(set_to_none=True)
 
     def full_step():
-        objective.train_step(model, batch, counter["step"], 10_000, autocast, optimizer)
+        train_step(objective, model, batch, counter["step"], 10_000, autocast, optimizer)  # the trainer's step
         counter["step"] += 1
 
     results = {"encoder": [], "full": []}

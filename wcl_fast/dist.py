@@ -129,3 +129,45 @@ def barrier() -> None:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def wrap_model(model: torch.nn.Module, optimizer, model_cfg, ctx: DistContext):
+    """Put the model (channels-last unless model.channels_last is off) and the optimizer's state on this
+    rank's device, compile the encoder (model.compile), convert to SyncBatchNorm when distributed on
+    CUDA (model.sync_bn; torch's SyncBatchNorm is CUDA-only) and wrap in DDP. Returns (model, ddp): the
+    module whose state is checkpointed, and the one the step calls (the same module on one process)."""
+    from wcl_fast.runtime import memory_format
+
+    model.to(ctx.device, memory_format=memory_format(model_cfg.channels_last))
+    for buffers in optimizer.state.values():  # optimizer state follows the parameters' device
+        for key, value in buffers.items():
+            if torch.is_tensor(value):
+                buffers[key] = value.to(ctx.device)
+    if model_cfg.compile:  # compiles on the first step (minutes for ResNet-50); checkpoints keep eager key names
+        model.net.compile(mode=model_cfg.compile)
+    if ctx.distributed and ctx.device.type == "cuda" and model_cfg.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the same Parameter objects
+    ddp = model
+    if ctx.distributed:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None, gradient_as_bucket_view=True)
+    return model, ddp
+
+
+def gather_names(name: str) -> list[str]:
+    """Every rank's `name`, in rank order (a collective)."""
+    names = [None] * dist.get_world_size()
+    dist.all_gather_object(names, name)
+    return names
+
+
+def replica_divergence(model: torch.nn.Module) -> float:
+    """Largest difference between ranks of per-parameter checksums (0.0 when replicas are in sync)."""
+    if world_size() == 1:
+        return 0.0
+    with torch.no_grad():
+        sums = torch.stack([p.detach().double().sum() for p in model.parameters()])  # [P]
+        low, high = sums.clone(), sums.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    return float((high - low).abs().max().item())  # sync point (once per epoch)

@@ -9,7 +9,6 @@ top-1/top-5 are reported over the exact validation set.
 """
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from wcl_fast.optim import learning_rate
 from wcl_fast import dist as wdist
 from pipelines import resolve_backend
 from wcl_fast.cli import ArgumentParser, command
@@ -76,9 +76,11 @@ class _SubsetByKey(torch.utils.data.Dataset):
 def finetune(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
     from pipelines import build_eval_loader, resolve_backend
     from pipelines.datasets import load_split
-    from pipelines.reference import ImageSource, MultiCropLoader, StepSampler, collate_eval
-    from wcl_fast.knn import extract_all
-    from wcl_fast.linear import LinearTrainDataset, accuracy, load_encoder
+    from pipelines.images import ImageSource
+    from pipelines.sampling import MultiCropLoader, StepSampler
+    from pipelines.batch import collate_eval
+    from pipelines.reference import LinearTrainDataset
+    from wcl_fast.evaluation import accuracy, extract_all, load_encoder
 
     ctx = ctx or wdist.init_distributed()
     resolve_backend(cfg)  # data.backend=auto -> the concrete loader
@@ -132,7 +134,7 @@ def finetune(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
         for batch in loader.epoch(epoch):
             batch = batch.to(device, cfg.model.channels_last)
             for group in optimizer.param_groups:
-                group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / total))
+                group["lr"] = learning_rate(step, lr, 0, total)  # cosine to 0, no warmup
             loss = F.cross_entropy(net(batch.globals), batch.label)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

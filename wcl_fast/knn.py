@@ -12,73 +12,11 @@ from __future__ import annotations
 import sys
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 
 from wcl_fast import dist as wdist
 from wcl_fast.cli import ArgumentParser, command
-
-
-@torch.no_grad()
-def extract_features(encoder: torch.nn.Module, loader, device: torch.device, channels_last: bool = True,
-                     precision: str = "fp32", normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Features [n, d] (fp32; L2-normalised unless normalize=False) and labels [n] of this rank's shard,
-    and how many of its images were unreadable and left out (the evaluation loaders never substitute)."""
-    was_training = encoder.training
-    encoder.eval()
-    feats, labels, skipped = [], [], 0
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    for batch in loader:
-        skipped += batch.failed
-        if batch.globals.shape[0] == 0:
-            continue
-        batch = batch.to(device, channels_last)
-        with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            h = encoder(batch.globals)  # [B, d]
-        feats.append(F.normalize(h.float(), dim=1) if normalize else h.float())
-        labels.append(batch.label)
-    encoder.train(was_training)
-    if not feats:
-        return torch.zeros(0, 0, device=device), torch.zeros(0, dtype=torch.int64, device=device), skipped
-    return torch.cat(feats), torch.cat(labels), skipped
-
-
-def extract_all(encoder: torch.nn.Module, loader, total: int, what: str, device: torch.device, channels_last: bool = True,
-                precision: str = "fp32", normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """extract_features over every rank's shard, gathered in rank order: (features, labels, unreadable
-    images left out). Checks that the shards covered the `total` samples exactly once and names the
-    unreadable ones' count (`what`: e.g. "data.val_dir") when there are any."""
-    feats, labels, skipped = extract_features(encoder, loader, device, channels_last, precision, normalize)
-    if wdist.world_size() > 1:
-        count = torch.tensor([float(skipped)], device=device)
-        dist.all_reduce(count)
-        skipped = int(count.item())  # sync point (evaluation only)
-    feats, labels = gather_variable(feats), gather_variable(labels)
-    assert feats.shape[0] + skipped == total, "evaluation shards must cover each set exactly once"
-    if skipped and wdist.rank() == 0:
-        print(f"warning: {what}: {skipped} of {total} images are unreadable and were left out "
-              f"(the warnings above name them); evaluated {feats.shape[0]}", file=sys.stderr, flush=True)
-    if feats.shape[0] == 0:
-        from wcl_fast.config import ConfigError
-
-        raise ConfigError(f"{what}: none of its {total} images could be read")
-    return feats, labels, skipped
-
-
-def gather_variable(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's tensor in rank order; row counts may differ (no padded rows kept)."""
-    world = wdist.world_size()
-    if world == 1:
-        return x
-    count = torch.tensor([x.shape[0]], device=x.device)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count)
-    counts = [int(c.item()) for c in counts]  # sync point (evaluation only)
-    padded = torch.zeros((max(counts),) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    padded[: x.shape[0]] = x
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat([part[:c] for part, c in zip(parts, counts)])
+from wcl_fast.evaluation import extract_all
+from wcl_fast.runtime import memory_format
 
 
 @torch.no_grad()
@@ -151,7 +89,7 @@ def main(argv=None) -> int:
     encoder = build_encoder(cfg.model.arch, cfg.model.stem, cfg.model.widths)
     if checkpoint:  # a wcl-fast checkpoint, an exported or torchvision ResNet state dict, a reference-code file
         load_encoder_checkpoint(encoder, checkpoint, to_dict(cfg)["model"])
-    encoder.to(ctx.device, memory_format=torch.channels_last if cfg.model.channels_last else torch.contiguous_format)
+    encoder.to(ctx.device, memory_format=memory_format(cfg.model.channels_last))
     result = evaluate_knn(encoder, cfg, ctx.device)
     if ctx.is_main:
         left_out = f" ({result['skipped']} unreadable left out)" if result["skipped"] else ""

@@ -10,81 +10,28 @@ is the result, the best epoch is reported too, labelled as such.
 """
 from __future__ import annotations
 
-import math
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.functional as TF
-from PIL import Image
-from torch.utils.data import Dataset
 
-from wcl_fast import dist as wdist
 from pipelines import resolve_backend
+from pipelines.reference import LinearTrainDataset  # noqa: F401 (the probe's training view; used by finetune)
+from wcl_fast import dist as wdist
 from wcl_fast.cli import ArgumentParser, command
 from wcl_fast.config import Config, check_out_dir, check_paths, load_config
-from wcl_fast.knn import extract_all
-
-
-class LinearTrainDataset(Dataset):
-    """Key (epoch, index) -> RandomResizedCrop(scale 0.08-1) + flip of one image, normalised."""
-
-    def __init__(self, source, cfg, seed: int):
-        self.source, self.cfg, self.seed = source, cfg, seed
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, key):
-        from pipelines.reference import random_resized_crop_box, to_normalized_tensor
-
-        epoch, index = key
-        rng = np.random.default_rng([self.seed, epoch, index, 7])
-        img, actual, label, failed = self.source.read(index)
-        top, left, h, w = random_resized_crop_box(rng, img.width, img.height, (0.08, 1.0), (3 / 4, 4 / 3))
-        crop = img.resize((self.cfg.global_size, self.cfg.global_size), Image.BILINEAR, box=(left, top, left + w, top + h))
-        if rng.random() < 0.5:
-            crop = TF.hflip(crop)
-        return [to_normalized_tensor(crop, self.cfg.mean, self.cfg.std)], [], actual, label, failed
-
-
-def load_encoder(cfg: Config, device: torch.device, checkpoint: str | None = None) -> torch.nn.Module:
-    """Encoder of `checkpoint` (default linear.checkpoint; "" = untrained), frozen, in eval mode."""
-    from wcl_fast.checkpoint import load_encoder_checkpoint
-    from wcl_fast.config import to_dict
-    from wcl_fast.model import build_encoder
-
-    encoder = build_encoder(cfg.model.arch, cfg.model.stem, cfg.model.widths)
-    checkpoint = cfg.linear.checkpoint if checkpoint is None else checkpoint
-    if checkpoint:  # a wcl-fast checkpoint, an exported or torchvision ResNet state dict, a reference-code file
-        load_encoder_checkpoint(encoder, checkpoint, to_dict(cfg)["model"])
-    for param in encoder.parameters():
-        param.requires_grad_(False)
-    fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-    return encoder.to(device, memory_format=fmt).eval()
-
-
-@torch.no_grad()
-def encoder_features(encoder: torch.nn.Module, batch, cfg: Config) -> torch.Tensor:
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
-    with torch.autocast(device_type=batch.globals.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        return encoder(batch.globals).float()  # [B, d]
-
-
-@torch.no_grad()
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    hits = top == labels[:, None]
-    return 100.0 * hits[:, 0].float().mean().item(), 100.0 * hits.any(dim=1).float().mean().item()  # sync point
+from wcl_fast.evaluation import accuracy, encoder_features, extract_all, load_encoder
+from wcl_fast.optim import learning_rate
 
 
 def train_linear(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
     """Train the linear classifier; returns final and best-epoch top-1/top-5 on the validation set."""
     from pipelines import build_eval_loader, resolve_backend
     from pipelines.datasets import load_split
-    from pipelines.reference import ImageSource, MultiCropLoader, StepSampler, collate_eval
+    from pipelines.images import ImageSource
+    from pipelines.sampling import MultiCropLoader, StepSampler
+    from pipelines.batch import collate_eval
 
     ctx = ctx or wdist.init_distributed()
     resolve_backend(cfg)  # data.backend=auto -> the concrete loader
@@ -146,7 +93,7 @@ def train_linear(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
                        for batch in (b.to(device, cfg.model.channels_last) for b in loader.epoch(epoch)))
         for x, y in batches:
             for group in optimizer.param_groups:
-                group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / total))
+                group["lr"] = learning_rate(step, lr, 0, total)  # cosine to 0, no warmup
             loss = F.cross_entropy(model(x.to(device)), y.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

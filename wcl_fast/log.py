@@ -92,6 +92,81 @@ def interval_line(epoch: int, epochs: int, step_in_epoch: int, steps_per_epoch: 
             f"run {format_duration(eta_run_s)}")
 
 
+class StepMeter:
+    """Interval metering of the training loop, and its logging. Between log steps everything stays on the
+    device: the sums of the logged terms over the finite steps, the count of those steps, the skipped
+    (non-finite) steps in all and in a row. `log()` reads them in one reduction across ranks
+    (# sync point), writes the record to log.jsonl / TensorBoard and shows it (progress-bar postfix on
+    a terminal, one plain line otherwise). Data-wait is host time spent in next(batches)."""
+
+    def __init__(self, logger: RunLogger, names, device, samples_per_step: int, epochs: int, steps_per_epoch: int,
+                 global_step: int):
+        import torch
+
+        self.logger, self.names, self.samples_per_step = logger, tuple(names), samples_per_step
+        self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
+        # [sum of each term..., finite steps]: one tensor, so one all-reduce per interval
+        self._sums = torch.zeros(len(self.names) + 1, device=device)
+        self._skipped = torch.zeros(2, device=device)  # skipped steps: in all, in a row now
+        self.skipped_total = self.skipped_in_row = 0.0  # their values at the last log
+        self.failed_images = 0
+        self.data_wait = 0.0
+        self.last_time, self.last_step = time.perf_counter(), global_step
+
+    def next_batch(self, batches):
+        """The next batch, its wait counted as data-wait and its unreadable images counted."""
+        start = time.perf_counter()
+        batch = next(batches)
+        self.data_wait += time.perf_counter() - start
+        self.failed_images += batch.failed
+        return batch
+
+    def add(self, terms: dict, ok) -> None:
+        """One step's terms (device tensors) and `ok` (device bool: the optimizer step was taken; None
+        without the guard). A non-finite loss adds nothing to the means; an interval with none logs NaN."""
+        import torch
+
+        if ok is not None:
+            bad = (~ok).to(torch.float32)
+            self._skipped = torch.stack([self._skipped[0] + bad, (self._skipped[1] + bad) * bad])
+        values = torch.stack([terms[name].detach().float() for name in self.names])  # [T]
+        finite = torch.isfinite(values[0])
+        self._sums += torch.cat([torch.where(finite, values, torch.zeros_like(values)), finite.to(torch.float32)[None]])
+
+    def log(self, global_step: int, epoch: int, step_in_epoch: int, lr: float, bar=None, extra: dict | None = None) -> dict:
+        """Read, log and show the interval ending at `global_step`; returns its record."""
+        from wcl_fast import dist as wdist
+
+        values = wdist.all_reduce_mean(self._sums).tolist()  # sync point
+        self.skipped_total, self.skipped_in_row = self._skipped.tolist()  # sync point (the same on all ranks)
+        count = values[len(self.names)]
+        if count == 0:  # every step of the interval was non-finite
+            values[:len(self.names)], count = [float("nan")] * len(self.names), 1.0
+        now = time.perf_counter()
+        elapsed, steps = now - self.last_time, global_step - self.last_step
+        record = {name: values[i] / count for i, name in enumerate(self.names)}
+        record.update({"lr": lr, "epoch": epoch, "samples_per_s": steps * self.samples_per_step / elapsed,
+                       "data_wait": self.data_wait / elapsed, "failed_images": self.failed_images,
+                       "skipped_steps": self.skipped_total})
+        self.logger.scalars(global_step, record)
+        seconds_per_step = elapsed / max(steps, 1)
+        eta_epoch = (self.steps_per_epoch - step_in_epoch) * seconds_per_step
+        eta_run = (self.epochs * self.steps_per_epoch - global_step) * seconds_per_step
+        if bar is not None:
+            bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}",
+                            wait=f"{100 * record['data_wait']:.0f}%", run_eta=format_duration(eta_run))
+        else:
+            self.logger.info(interval_line(epoch, self.epochs, step_in_epoch, self.steps_per_epoch, record, self.names,
+                                           eta_epoch, eta_run))
+        for key, value in (extra or {}).items():  # the objective's own counters, e.g. knn_unconverged
+            record[key] = value
+        if not math.isfinite(record["loss"]):
+            self.logger.info(f"warning: non-finite loss at step {global_step}")
+        self._sums.zero_()
+        self.last_time, self.data_wait, self.last_step = now, 0.0, global_step
+        return record
+
+
 def _package_version(*names: str) -> str:
     from importlib import metadata
 

@@ -18,7 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from wcl_fast.config import ConfigError
-from wcl_fast.objectives.wcl import _one_hot_columns, contrastive_rows
+from wcl_fast.objectives.rows import contrastive_rows, one_hot_columns
+from wcl_fast import dist as wdist
+from wcl_fast.objectives.base import Objective, register
+from wcl_fast.objectives.wcl import wcl_loss_terms
 
 
 def supcon_rows(anchors: torch.Tensor, anchor_labels: torch.Tensor, anchor_columns: torch.Tensor | None,
@@ -29,7 +32,7 @@ def supcon_rows(anchors: torch.Tensor, anchor_labels: torch.Tensor, anchor_colum
     positive = anchor_labels[:, None] == key_labels[None, :]  # [M, K]
     excluded = None
     if anchor_columns is not None:
-        excluded = _one_hot_columns(anchor_columns, keys.shape[0])
+        excluded = one_hot_columns(anchor_columns, keys.shape[0])
         positive = positive & ~excluded
     return contrastive_rows(anchors, keys, positive, excluded, tau)
 
@@ -163,3 +166,76 @@ def _faiss_kmeans(x, k, iters, seed):
     _, index = km.index.search(data, 1)
     centroids = torch.from_numpy(km.centroids).to(x.device)
     return torch.from_numpy(index[:, 0].astype(np.int64)).to(x.device), centroids
+
+
+@register("clinfonce")
+class ClInfoNCEObjective(Objective):
+    """Cluster ids per sample (int64 [num_samples] on the device) from a CSV or from K-means."""
+
+    @classmethod
+    def uses_head2(cls, cfg):
+        return cfg.loss.clinfonce.form == "dual"
+
+    def __init__(self, cfg, model, ctx, data):
+        super().__init__(cfg, model, ctx, data)
+        c = cfg.loss.clinfonce
+        self.term_names = ("loss",) if c.form == "single" else ("loss", "nce", "cluster")
+        self.table: torch.Tensor | None = None
+        if c.clusters_csv:
+            self.table = load_cluster_csv(c.clusters_csv, c.cluster_column, c.key_column, self.num_samples,
+                                          data.paths(), cfg.data.train_dir).to(ctx.device)
+        elif c.kmeans_k > self.num_samples:
+            raise ConfigError(f"loss.clinfonce.kmeans_k={c.kmeans_k} exceeds the {self.num_samples} training samples; lower it")
+
+    def on_epoch_start(self, epoch, start_step):
+        c = self.cfg.loss.clinfonce
+        if c.clusters_csv or (start_step > 0 and self.table is not None):
+            return
+        if self.table is None or epoch % c.kmeans_every == 0:
+            self.table = self.kmeans_table(epoch)
+
+    @torch.no_grad()
+    def kmeans_table(self, epoch: int) -> torch.Tensor:
+        """K-means of the head-1 embeddings of every training sample (evaluation transform, embedded by
+        the trainer's TrainingSet.embed)."""
+        cfg = self.cfg
+        if self.data.embed is None:
+            raise RuntimeError("K-means Cl-InfoNCE needs TrainingSet.embed (the trainer provides it)")
+        z, index = self.data.embed(self.model)
+        count = self.num_samples
+        assert z.shape[0] <= count and index.unique().numel() == z.shape[0], "each training image embedded once"
+        order = index.argsort()
+        z, index = z[order], index[order]
+        readable, _ = spherical_kmeans(z, cfg.loss.clinfonce.kmeans_k, cfg.loss.clinfonce.kmeans_iters,
+                                       seed=cfg.train.seed * 1_000_003 + epoch)
+        # unreadable images have no embedding; their ids never reach a training batch (the loaders
+        # substitute the next readable sample and report its id), so cluster 0 is never read for them
+        assign = torch.zeros(count, dtype=readable.dtype, device=readable.device)
+        assign[index] = readable
+        if self.ctx.world_size > 1:  # one table for every rank
+            torch.distributed.broadcast(assign, src=0)
+        return assign
+
+    def losses(self, ddp, batch, step, total_steps, autocast):
+        cfg = self.cfg
+        with autocast():
+            z_global, u_global, z_local, u_local = ddp(batch.globals, batch.locals)
+        clusters = self.table[wdist.gather_rows(batch.index)]  # [N]
+        z1, z2 = z_global.chunk(2)
+        z1_all, z2_all = self._gather(z1, z2)
+        offset = self.ctx.rank * z1.shape[0]
+        if cfg.loss.clinfonce.form == "single":
+            loss = clinfonce_loss(z1, z2, z1_all, z2_all, clusters, offset, cfg.loss.tau, z_local, cfg.loss.clinfonce.base_tau)
+            return {"loss": loss}
+        u1, u2 = u_global.chunk(2)
+        u1_all, u2_all = self._gather(u1, u2)
+        terms = wcl_loss_terms(z1, z2, u1, u2, z1_all, z2_all, u1_all, u2_all, offset=offset, tau=cfg.loss.tau,
+                               z_local=z_local, u_local=u_local, labels=(clusters, clusters))
+        return {"loss": terms.nce + cfg.loss.graph_weight * terms.graph, "nce": terms.nce, "cluster": terms.graph}
+
+    def state_dict(self):
+        return {"clusters": self.table}
+
+    def load_state_dict(self, state):
+        if not self.cfg.loss.clinfonce.clusters_csv and state.get("clusters") is not None:
+            self.table = state["clusters"].to(self.ctx.device)

@@ -7,6 +7,8 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from wcl_fast.objectives.base import Objective
+
 
 class KeyQueue:
     """FIFO of the last `size` keys [size, D] (fp32), initialised with random unit vectors."""
@@ -84,3 +86,41 @@ class EMAEncoder:
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state)
+
+
+class MomentumObjective(Objective):
+    """Shared by the queue form of CO2 and by SLR: EMA key encoder + key queue."""
+
+    def __init__(self, cfg, model, ctx, data):
+        super().__init__(cfg, model, ctx, data)
+        m = cfg.loss.momentum
+        self.keys = EMAEncoder(model, m.ema)
+        self.queue = KeyQueue(m.queue_size, cfg.model.head_out, ctx.device, seed=cfg.train.seed + 17)
+        self._pending: torch.Tensor | None = None
+
+    def key_embeddings(self, globals_, autocast):
+        with autocast():
+            return self.keys.embed(globals_).float().chunk(2)  # k1, k2 [b, D]
+
+    def pairs(self, z1, z2, k1, k2):
+        """(query, positive key) pairs: view 1 -> key of view 2 (and view 2 -> key of view 1 when symmetric)."""
+        return [(z1, k2), (z2, k1)] if self.cfg.loss.momentum.symmetric else [(z1, k2)]
+
+    def guarded_buffers(self):
+        return super().guarded_buffers() + list(self.keys.model.buffers())  # the key encoder's BN runs in train mode
+
+    def after_step(self, ok=None):
+        self.keys.update(self.model, ok)
+        if self._pending is not None:
+            self.queue.push(self._pending, ok)
+            self._pending = None
+
+    def state_dict(self):
+        return {"key_model": self.keys.state_dict(), "queue": self.queue.state_dict()}
+
+    def load_state_dict(self, state):
+        if "key_model" not in state:
+            raise ValueError("the checkpoint holds no key encoder / queue for this objective; resume with the "
+                             "loss.objective it was written with")
+        self.keys.load_state_dict(state["key_model"])
+        self.queue.load_state_dict(state["queue"])

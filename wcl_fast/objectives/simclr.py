@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from wcl_fast.objectives.wcl import nce_rows
+from wcl_fast.objectives.rows import nce_rows
+from wcl_fast.objectives.base import Objective, register
 
 
 def simclr_loss(z1: torch.Tensor, z2: torch.Tensor, z1_all: torch.Tensor | None = None,
@@ -19,3 +20,16 @@ def simclr_loss(z1: torch.Tensor, z2: torch.Tensor, z1_all: torch.Tensor | None 
     z1_all = z1 if z1_all is None else z1_all
     z2_all = z2 if z2_all is None else z2_all
     return nce_rows(z1, z2, z1_all, z2_all, offset, tau, z_local).mean()
+
+
+@register("simclr")
+class SimCLRObjective(Objective):
+    term_names = ("loss",)
+
+    def losses(self, ddp, batch, step, total_steps, autocast):
+        with autocast():
+            z_global, _, z_local, _ = ddp(batch.globals, batch.locals)
+        z1, z2 = z_global.chunk(2)
+        z1_all, z2_all = self._gather(z1, z2)
+        loss = nce_rows(z1, z2, z1_all, z2_all, self.ctx.rank * z1.shape[0], self.cfg.loss.tau, z_local).mean()
+        return {"loss": loss}

@@ -18,7 +18,10 @@ import math
 import numpy as np
 import torch
 
-from wcl_fast.objectives.wcl import _one_hot_columns
+from wcl_fast.objectives.rows import one_hot_columns
+from wcl_fast import dist as wdist
+from wcl_fast.objectives.base import register
+from wcl_fast.objectives.momentum import MomentumObjective
 
 
 def mu_at(step: int, total_steps: int, start: float, end: float) -> float:
@@ -34,7 +37,7 @@ def refinery_targets(k: torch.Tensor, keys: torch.Tensor, self_columns: torch.Te
     keys B [C, D] (both L2-normalised, so dot products are cosines); self_columns [M]."""
     with torch.autocast(device_type=k.device.type, enabled=False):
         logits = k.float() @ keys.float().t() / (tau * tau_prime)  # [M, C]
-        own = _one_hot_columns(self_columns, keys.shape[0])
+        own = one_hot_columns(self_columns, keys.shape[0])
         p = torch.softmax(logits, dim=1)
         q = torch.softmax(logits.masked_fill(own, float("-inf")), dim=1)
         max_p = p.max(dim=1, keepdim=True).values
@@ -81,9 +84,52 @@ def slr_terms(q: torch.Tensor, q_mix: torch.Tensor, keys: torch.Tensor, self_col
     """(onehot rows, mix rows) for queries q [M, D], mixed queries q_mix [M, D] (embeddings of the
     mixed images), keys B [C, D], self_columns [M], refined targets ybar [M, C]. q_extra [E, D]
     (local crops) add onehot rows with positives extra_columns [E]."""
-    onehot = _one_hot_columns(self_columns, keys.shape[0]).float()
+    onehot = one_hot_columns(self_columns, keys.shape[0]).float()
     rows = [soft_contrastive_rows(q, keys, onehot, tau)]
     if q_extra is not None and q_extra.shape[0] > 0:
-        rows.append(soft_contrastive_rows(q_extra, keys, _one_hot_columns(extra_columns, keys.shape[0]).float(), tau))
+        rows.append(soft_contrastive_rows(q_extra, keys, one_hot_columns(extra_columns, keys.shape[0]).float(), tau))
     mix = soft_contrastive_rows(q_mix, keys, mix_targets(ybar, theta, partner), tau)
     return torch.cat(rows), mix
+
+
+@register("slr")
+class SLRObjective(MomentumObjective):
+    term_names = ("loss", "nce", "mix")
+
+    def losses(self, ddp, batch, step, total_steps, autocast):
+        cfg = self.cfg
+        s, tau = cfg.loss.slr, cfg.loss.tau
+        mu = mu_at(step, total_steps, s.mu_start, s.mu_end)
+        k1, k2 = self.key_embeddings(batch.globals, autocast)
+        x1, x2 = batch.globals.chunk(2)
+        b = x1.shape[0]
+        offset = self.ctx.rank * b
+        columns = torch.arange(b, device=x1.device) + offset
+        image_pairs = [(x1, x2), (x2, x1)] if cfg.loss.momentum.symmetric else [(x1, x2)]
+        draws = [tuple(_to_device(t, x1.device) for t in mixup_draw(b, s.kappa, cfg.train.seed, step, self.ctx.rank, stream))
+                 for stream in range(len(image_pairs))]
+        mixed = torch.cat([momentum_mixup(xq, xk, theta, partner)
+                           for (xq, xk), (theta, partner) in zip(image_pairs, draws)])
+        with autocast():
+            z_global, _, z_local, _, z_mix = ddp(batch.globals, batch.locals, mixed)
+        z1, z2 = z_global.chunk(2)
+        queue = self.queue.keys
+        onehot_parts, mix_parts = [], []
+        for j, ((q, k), q_mix, (theta, partner)) in enumerate(zip(self.pairs(z1, z2, k1, k2), z_mix.float().chunk(len(draws)), draws)):
+            keys = torch.cat([wdist.gather_rows(k), queue])  # B = batch positive keys + queue [N + K, D]
+            ybar = refinery_targets(k, keys, columns, mu, tau, s.tau_prime)
+            extra = z_local if j == 0 else None
+            extra_columns = columns.repeat(z_local.shape[0] // b) if extra is not None else None
+            o_rows, m_rows = slr_terms(q, q_mix, keys, columns, ybar, theta, partner, tau, extra, extra_columns)
+            onehot_parts.append(o_rows)
+            mix_parts.append(m_rows)
+        nce, mix = torch.cat(onehot_parts).mean(), torch.cat(mix_parts).mean()
+        self._pending = wdist.gather_rows(k2)
+        return {"loss": (1 - s.lam) * nce + s.lam * mix, "nce": nce, "mix": mix}
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor -> device without a synchronising copy (pinned memory, non-blocking on CUDA)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

@@ -23,37 +23,14 @@ import torch
 
 import kernels
 from wcl_fast import dist as wdist
+from wcl_fast.objectives.rows import contrastive_rows, nce_rows, one_hot_columns, rows_from_logits
+from wcl_fast.config import Config
+from wcl_fast.objectives.base import Objective, register
 
 
 class WCLTerms(NamedTuple):
     nce: torch.Tensor  # head-1 term (scalar)
     graph: torch.Tensor  # head-2 term (scalar)
-
-
-def contrastive_rows(
-    anchors: torch.Tensor,
-    keys: torch.Tensor,
-    positive: torch.Tensor,
-    excluded: torch.Tensor | None,
-    tau: float,
-) -> torch.Tensor:
-    """Per-anchor loss -mean_{p in positive} log softmax_{a not excluded}(s / tau)[p].
-
-    anchors [M, D], keys [K, D], positive [M, K] bool, excluded [M, K] bool or None (columns left
-    out of the denominator, e.g. the anchor itself). Every row needs >= 1 positive. Returns [M] fp32.
-    """
-    with torch.autocast(device_type=anchors.device.type, enabled=False):
-        logits = anchors.float() @ keys.float().t() / tau  # [M, K] fp32
-        return rows_from_logits(logits, positive, excluded)
-
-
-def rows_from_logits(logits: torch.Tensor, positive: torch.Tensor, excluded: torch.Tensor | None) -> torch.Tensor:
-    """contrastive_rows from precomputed fp32 logits [M, K] (s / tau)."""
-    if excluded is not None:
-        logits = logits.masked_fill(excluded, float("-inf"))
-    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)  # [M, K]
-    picked = torch.where(positive, log_prob, torch.zeros_like(log_prob))
-    return -picked.sum(dim=1) / positive.sum(dim=1).clamp_min(1)
 
 
 @torch.no_grad()
@@ -115,21 +92,6 @@ def _knn_labels(nn_idx: torch.Tensor, b: int, crops: int, key_image: torch.Tenso
     return kernels.connected_components_edges(query_image, key_image[nn_idx], n, fixed_blocks=fixed_blocks)
 
 
-@torch.no_grad()
-def knn_batch_labels(u1: torch.Tensor, u2: torch.Tensor, u_local: torch.Tensor | None,
-                     fixed_blocks: int | None = None, u1_all: torch.Tensor | None = None,
-                     u2_all: torch.Tensor | None = None):
-    """Image labels [N] of the knn rule for the global batch, from this rank's crops.
-
-    Every rank searches its own crops against all crops of the batch (keys of _knn_crops), and all
-    ranks label the same image graph. fixed_blocks=K: no host sync; returns (labels, converged flag).
-    """
-    queries, query_image, keys, key_image, n = _knn_crops(u1, u2, u_local, u1_all, u2_all)
-    nn_idx = kernels.nearest_neighbor(queries.detach(), keys.detach(), query_image, key_image)
-    crops = u_local.shape[0] // u1.shape[0] if u_local is not None else 0
-    return _knn_labels(nn_idx, u1.shape[0], crops, key_image, n, fixed_blocks)
-
-
 def knn_graph_rows_fused(u1: torch.Tensor, u2: torch.Tensor, u_local: torch.Tensor | None,
                          u1_all: torch.Tensor, u2_all: torch.Tensor, tau: float,
                          fixed_blocks: int | None = None, backend: str = "auto"):
@@ -139,7 +101,7 @@ def knn_graph_rows_fused(u1: torch.Tensor, u2: torch.Tensor, u_local: torch.Tens
     crops [U1_all; U2_all; L_all], the 1-NN of every crop among other images AND the logits against the
     first 2N keys [U1_all; U2_all] -- the loss keys -- so the Triton backend reads each key tile once
     for both. Labels follow from the gathered indices; the loss rows then equal _knn_graph_rows with
-    those labels: global crops exclude their own column, positives = keys of same-label images.
+    those labels (the two-pass form of tests/knn_two_pass.py): global crops exclude their own column, positives = keys of same-label images.
     Returns (per-anchor losses [(2+L)b] fp32 in [u1, u2, local] order, labels [N], converged or None).
     """
     queries, query_image, keys, key_image, n = _knn_crops(u1, u2, u_local, u1_all, u2_all)
@@ -151,17 +113,10 @@ def knn_graph_rows_fused(u1: torch.Tensor, u2: torch.Tensor, u_local: torch.Tens
         result = _knn_labels(nn_idx, b, crops, key_image, n, fixed_blocks)
     labels, converged = result if fixed_blocks is not None else (result, None)
     rows = query_image[:b]
-    own = _one_hot_columns(torch.cat([rows, rows + n]), 2 * n)  # the global anchors' own columns
+    own = one_hot_columns(torch.cat([rows, rows + n]), 2 * n)  # the global anchors' own columns
     self_mask = torch.cat([own, own.new_zeros(crops * b, 2 * n)])
     positive = (labels[query_image][:, None] == torch.cat([labels, labels])[None, :]) & ~self_mask
     return rows_from_logits(logits, positive, self_mask), labels, converged
-
-
-def _one_hot_columns(rows: torch.Tensor, num_columns: int) -> torch.Tensor:
-    """Boolean [len(rows), num_columns] with True at (i, rows[i])."""
-    mask = torch.zeros(rows.shape[0], num_columns, dtype=torch.bool, device=rows.device)
-    mask[torch.arange(rows.shape[0], device=rows.device), rows] = True
-    return mask
 
 
 def wcl_loss_terms(
@@ -178,8 +133,6 @@ def wcl_loss_terms(
     z_local: torch.Tensor | None = None,
     u_local: torch.Tensor | None = None,
     labels: tuple[torch.Tensor, torch.Tensor] | None = None,
-    rule: str = "inherit",
-    image_labels: torch.Tensor | None = None,
     graph_tau: float | None = None,
 ) -> WCLTerms:
     """Both WCL terms for this rank's anchors.
@@ -187,33 +140,22 @@ def wcl_loss_terms(
     z1, z2, u1, u2: this rank's global-view embeddings [b, D] (rows offset..offset+b of the batch).
     z1_all .. u2_all: the gathered embeddings of all ranks [N, D] (this rank's block included).
     z_local, u_local: local-crop embeddings [L*b, D] (crop-major: crop l of sample i is row l*b+i),
-    anchored with the `inherit` or `knn` rule of docs/wcl.md §3; None for the 2-view recipe.
+    anchored with the `inherit` rule of docs/wcl.md §3; None for the 2-view recipe (the `knn` rule's head 2
+    is knn_graph_rows_fused).
     labels: precomputed (y1, y2) [N]; default: computed here from u1_all / u2_all.
-    rule='knn': head 2 uses one label per image, `image_labels` [N] (see knn_batch_labels); every
-    crop is anchored against all 2N global keys except its own column, positives = keys of images
-    with the same label.
     graph_tau: head 2's temperature (None = tau, the paper's setting).
     Returns the head-1 and head-2 terms, each the mean over all of this rank's anchors.
     """
     b, n = z1.shape[0], z1_all.shape[0]
     device = z1.device
     rows = torch.arange(b, device=device) + offset  # global index of each local sample [b]
-    if rule not in ("inherit", "knn"):
-        raise ValueError(f"unknown multi-crop rule {rule!r}; use 'inherit' or 'knn'")
-    if rule == "knn" and image_labels is None:
-        raise ValueError("rule='knn' needs image_labels (knn_batch_labels of all crops)")
-    if rule == "inherit":
-        y1, y2 = labels if labels is not None else (weak_labels(u1_all), weak_labels(u2_all))
+    y1, y2 = labels if labels is not None else (weak_labels(u1_all), weak_labels(u2_all))
 
-    nce = nce_rows(z1, z2, z1_all, z2_all, offset, tau, z_local).mean()  # the same under both rules
+    nce = nce_rows(z1, z2, z1_all, z2_all, offset, tau, z_local).mean()  # the same under both multi-crop rules
     tau = tau if graph_tau is None else graph_tau  # head 2 from here on
     has_local = z_local is not None and z_local.shape[0] > 0
-    if rule == "knn":
-        graph_rows = _knn_graph_rows(u1, u2, u1_all, u2_all, u_local, rows, image_labels, tau)
-        return WCLTerms(nce, torch.cat(graph_rows).mean())
-
     # Head 2, global anchors: view v against U_v without itself, positives from the other view's labels.
-    self_mask = _one_hot_columns(rows, n)  # [b, N]
+    self_mask = one_hot_columns(rows, n)  # [b, N]
     same2 = (y2[rows, None] == y2[None, :]) & ~self_mask  # [b, N]
     same1 = (y1[rows, None] == y1[None, :]) & ~self_mask
     graph_rows = [contrastive_rows(u1, u1_all, same2, self_mask, tau),
@@ -229,53 +171,6 @@ def wcl_loss_terms(
     return WCLTerms(nce, torch.cat(graph_rows).mean())
 
 
-def nce_rows(z1: torch.Tensor, z2: torch.Tensor, z1_all: torch.Tensor, z2_all: torch.Tensor, offset: int,
-             tau: float, z_local: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-anchor NT-Xent of head 1 (SimCLR eq. 1; WCL's first term), [2b (+ L*b)] fp32.
-
-    Anchors [z1; z2] against keys [Z1; Z2] (2N columns) with the own column removed and the other view
-    as the positive; local crops (crop-major [L*b, D]) take the image's two global crops as positives,
-    each cross-entropy with the other positive removed from its denominator, averaged (docs/wcl.md §3).
-    """
-    b, n = z1.shape[0], z1_all.shape[0]
-    rows = torch.arange(b, device=z1.device) + offset
-    keys1 = torch.cat([z1_all, z2_all])  # [2N, D]
-    own = torch.cat([rows, rows + n])  # [2b]
-    other = torch.cat([rows + n, rows])  # [2b]
-    out = [contrastive_rows(torch.cat([z1, z2]), keys1, _one_hot_columns(other, 2 * n),
-                            _one_hot_columns(own, 2 * n), tau)]  # [2b]
-    if z_local is not None and z_local.shape[0] > 0:
-        out.append(_local_nce_rows(z_local, keys1, rows, n, tau))
-    return torch.cat(out)
-
-
-def _local_nce_rows(z_local, keys1, rows, n, tau):
-    """Head 1 for local crops: positives are the image's two global crops, each CE with the other
-    positive removed from its denominator, averaged (docs/wcl.md §3)."""
-    local_rows = rows.repeat(z_local.shape[0] // rows.shape[0])  # [L*b]
-    first = _one_hot_columns(local_rows, 2 * n)  # column of the view-1 crop of the same image
-    second = _one_hot_columns(local_rows + n, 2 * n)  # column of the view-2 crop
-    return 0.5 * (contrastive_rows(z_local, keys1, first, second, tau)
-                  + contrastive_rows(z_local, keys1, second, first, tau))
-
-
-def _knn_graph_rows(u1, u2, u1_all, u2_all, u_local, rows, image_labels, tau):
-    """Head 2 of the knn rule: every crop against [U1; U2] (2N keys) minus its own column."""
-    n = u1_all.shape[0]
-    keys = torch.cat([u1_all, u2_all])  # [2N, D]
-    key_labels = torch.cat([image_labels, image_labels])  # [2N]
-    out = []
-    for anchors, own in ((u1, rows), (u2, rows + n)):
-        self_mask = _one_hot_columns(own, 2 * n)
-        positive = (image_labels[rows, None] == key_labels[None, :]) & ~self_mask
-        out.append(contrastive_rows(anchors, keys, positive, self_mask, tau))
-    if u_local is not None and u_local.shape[0] > 0:
-        local_rows = rows.repeat(u_local.shape[0] // rows.shape[0])
-        positive = image_labels[local_rows, None] == key_labels[None, :]
-        out.append(contrastive_rows(u_local, keys, positive, None, tau))
-    return out
-
-
 def wcl_loss(z1: torch.Tensor, z2: torch.Tensor, u1: torch.Tensor, u2: torch.Tensor,
              tau: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     """(nce_loss, graph_loss) of docs/wcl.md §2 for two views on one process; total = their sum.
@@ -284,3 +179,49 @@ def wcl_loss(z1: torch.Tensor, z2: torch.Tensor, u1: torch.Tensor, u2: torch.Ten
     """
     terms = wcl_loss_terms(z1, z2, u1, u2, z1, z2, u1, u2, offset=0, tau=tau)
     return terms.nce, terms.graph
+
+
+# ---- the objective: gathering, the multi-crop rule, the terms ----
+
+KNN_LABEL_BLOCKS = 2  # sync-free image-graph labelling: 2 blocks of ceil(log2 N) + 1 hook/compress rounds
+
+
+def compute_loss(cfg: Config, z_global, u_global, z_local, u_local, rank: int, flags: dict | None = None):
+    """Gather the keys across ranks and evaluate the WCL terms for this rank's anchors.
+
+    flags: optional dict; in knn mode its 'unconverged' entry (device tensor) counts labellings that
+    did not converge within KNN_LABEL_BLOCKS (read at log intervals only).
+    """
+    differentiable = cfg.loss.gather == "differentiable"
+    z1, z2 = z_global.chunk(2)  # [b, D] each
+    u1, u2 = u_global.chunk(2)
+    gathered = [wdist.gather_rows(t, differentiable) for t in (z1, z2, u1, u2)]  # [N, D] each
+    offset = rank * z1.shape[0]
+    if cfg.loss.multicrop_rule == "knn" and z_local is not None:  # one pass: crops' 1-NN + head-2 logits
+        graph_tau = cfg.loss.tau if cfg.loss.graph_tau is None else cfg.loss.graph_tau
+        graph_rows, _, converged = knn_graph_rows_fused(u1, u2, u_local, gathered[2], gathered[3], graph_tau,
+                                                        fixed_blocks=KNN_LABEL_BLOCKS,
+                                                        backend=cfg.loss.similarity_backend)
+        if flags is not None:
+            flags["unconverged"] = flags.get("unconverged", 0) + (~converged).to(torch.float32)
+        nce = nce_rows(z1, z2, gathered[0], gathered[1], offset, cfg.loss.tau, z_local).mean()
+        return WCLTerms(nce, graph_rows.mean())
+    # one path for one and many processes: each rank searches its own rows, every rank gets the same labels
+    labels = (weak_labels_sharded(u1, gathered[2], offset), weak_labels_sharded(u2, gathered[3], offset))
+    return wcl_loss_terms(z1, z2, u1, u2, *gathered, offset=offset, tau=cfg.loss.tau,
+                          z_local=z_local, u_local=u_local, labels=labels, graph_tau=cfg.loss.graph_tau)
+
+
+@register("wcl")
+class WCLObjective(Objective):
+    term_names = ("loss", "nce", "graph")
+
+    @classmethod
+    def uses_head2(cls, cfg):
+        return True
+
+    def losses(self, ddp, batch, step, total_steps, autocast):
+        with autocast():
+            z_global, u_global, z_local, u_local = ddp(batch.globals, batch.locals)
+        terms = compute_loss(self.cfg, z_global, u_global, z_local, u_local, self.ctx.rank, self.flags)
+        return {"loss": terms.nce + self.cfg.loss.graph_weight * terms.graph, "nce": terms.nce, "graph": terms.graph}

@@ -1,0 +1,137 @@
+"""Image files: ImageFolder scanning (links followed, loops named, unreadable entries kept so that they
+are skipped by name) and decoding to RGB (or one-channel gray, exactly equivalent for the PIL loaders),
+with unreadable files replaced (training) or left out (evaluation) and counted."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from wcl_fast.config import ConfigError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+MAX_SUBSTITUTIONS = 16  # an unreadable image is replaced by the next readable one, at most this far away
+
+
+def scan_class_folder(folder: Path, warn=None) -> tuple[list[str], list[str]]:
+    """(image paths, other files) under one class folder, sorted, symlinked files and folders followed.
+    An entry with an image extension that is not a readable regular file (a symlink loop, a dangling link,
+    a file without read permission) is kept as an image path: the decoder then fails on it and it is
+    counted and named like every other unreadable image. Sub-folders that cannot be listed are named
+    through `warn` (default: a warning on stderr) instead of vanishing."""
+    warn = warn or (lambda text: print(f"warning: {text}", file=sys.stderr))
+    images, other = [], []
+
+    def unlistable(error: OSError) -> None:
+        warn(f"cannot list '{error.filename}' ({error.strerror}); its images are not used")
+
+    seen = set()
+    for top, dirs, files in os.walk(folder, onerror=unlistable, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:  # reached twice through symlinks: each real folder is listed once
+            dirs[:] = []
+            continue
+        seen.add(real)
+        follow = []
+        for name in dirs:
+            path = os.path.join(top, name)
+            target = os.path.realpath(path)
+            if not os.path.isdir(path):  # a dangling or looping link: unreadable, named by the decoder
+                (images if Path(name).suffix.lower() in IMAGE_EXTENSIONS else other).append(path)
+            elif os.path.islink(path) and (real == target or real.startswith(target + os.sep)):
+                warn(f"'{path}' links back to '{target}' (a folder loop); not followed")
+            else:
+                follow.append(name)
+        dirs[:] = follow
+        for name in files:
+            path = os.path.join(top, name)
+            (images if Path(name).suffix.lower() in IMAGE_EXTENSIONS else other).append(path)
+    return sorted(images), sorted(other)
+
+
+def scan_image_folder(root: str | Path, key: str = "data.train_dir") -> tuple[list[tuple[str, int]], list[str]]:
+    """(samples [(path, class id)], class names) of an ImageFolder, sorted; clear errors when empty."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ConfigError(f"{key}: '{root}' is not a directory; point it at an ImageFolder (one sub-folder per class)")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise ConfigError(f"{key}: '{root}' has no class sub-folders; expected {root}/<class>/<image>.jpg")
+    samples = [(path, label) for label, name in enumerate(classes) for path in scan_class_folder(root / name)[0]]
+    if not samples:
+        raise ConfigError(f"{key}: '{root}' has class folders but no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return samples, classes
+
+
+def load_rgb(path, draft: tuple[int, int] | None = None, keep_gray: bool = False) -> Image.Image:
+    """Decode an image (a path or a file object) fully as RGB (CMYK, grayscale, palette and alpha images are
+    converted; 16-bit grayscale, which PIL's RGB conversion would clip to white, is scaled to 8 bits:
+    v -> round(v / 257)). draft=(w, h): a JPEG may be decoded at 1/2, 1/4 or 1/8 scale, no smaller than that.
+    keep_gray: an 8-bit (or scaled 16-bit) grayscale image stays one channel ("L"); `apply_crop` and
+    `to_normalized_tensor` treat it as the RGB image with three equal channels, bit for bit, at a third of
+    the work (see `load_rgb_or_gray`)."""
+    with Image.open(path) as img:
+        if draft is not None and img.format == "JPEG":
+            img.draft("RGB", draft)
+        img.load()
+        if img.mode.startswith("I"):  # "I;16", "I;16B", ... and "I" (how PIL opens 16-bit PNGs)
+            wide = np.asarray(img, dtype=np.float64)
+            img = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), mode="L")
+        elif img.mode in ("P", "PA", "LA"):
+            img = img.convert("RGBA")  # palette / alpha: resolve transparency before dropping alpha
+        if keep_gray and img.mode == "L":
+            return img.copy()  # detached from the file (the context closes it)
+        return img.convert("RGB")
+
+
+def load_rgb_or_gray(path) -> Image.Image:
+    """The decoder of the PIL loaders: `load_rgb`, but a grayscale image stays one channel. Its crops,
+    jitter, blur and tensors equal those of its RGB conversion exactly (tested), because every operation
+    of the chain acts on three equal channels as on one: resize, brightness, contrast (its mean is that of
+    the luma, which equals the gray value), blur and flip are per-channel; saturation, hue and grayscale
+    leave a gray image unchanged (PIL's luma weights sum to exactly 1 in its fixed-point arithmetic)."""
+    return load_rgb(path, keep_gray=True)
+
+
+class ImageSource:
+    """Reads samples of an ImageFolder; an unreadable file is replaced by the next readable sample.
+    decode(path) returns what a reader needs (default: the RGB image) and raises when the file is unusable."""
+
+    def __init__(self, samples: list[tuple[str, int]], decode=None):
+        self.samples = samples
+        self.decode = decode or load_rgb
+        self._warned = 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _failed(self, path: str, exc: Exception, instead: str) -> None:
+        if self._warned < 20:
+            self._warned += 1
+            print(f"warning: skipped unreadable image '{path}' ({type(exc).__name__}: {exc}); {instead}", file=sys.stderr)
+
+    def read(self, index: int) -> tuple[Image.Image, int, int, int]:
+        """(decoded image, actual index, label, number of unreadable files skipped): training, where a
+        batch keeps its size."""
+        for attempt in range(MAX_SUBSTITUTIONS):
+            actual = (index + attempt) % len(self.samples)
+            path, label = self.samples[actual]
+            try:
+                return self.decode(path), actual, label, attempt
+            except Exception as exc:  # any decoder failure: count it, warn, and use the next sample
+                self._failed(path, exc, "using the next sample instead")
+        raise RuntimeError(f"{MAX_SUBSTITUTIONS} consecutive unreadable images from sample {index} "
+                           f"('{self.samples[index][0]}'); check the dataset")
+
+    def read_or_none(self, index: int):
+        """(decoded image, label) of sample index, or None when it is unreadable: evaluation, where an
+        unreadable image is left out and counted, never replaced by another one."""
+        path, label = self.samples[index]
+        try:
+            return self.decode(path), label
+        except Exception as exc:
+            self._failed(path, exc, "left out of the evaluation")
+            return None
