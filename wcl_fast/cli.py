@@ -85,3 +85,12 @@ def command(main):
             wdist.cleanup()
 
     return wrapper
+
+
+def config_arguments(prog: str, description: str, overrides_help: str, argv=None):
+    """The arguments of the config-driven commands (train, knn, linear, finetune): --config FILE and
+    key=value overrides."""
+    parser = ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", required=True, help="YAML experiment file, e.g. configs/imagenet_wcl_200ep.yaml")
+    parser.add_argument("overrides", nargs="*", help=overrides_help)
+    return parser.parse_args(argv)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from wcl_fast.optim import learning_rate
 from wcl_fast import dist as wdist
 from pipelines import resolve_backend
-from wcl_fast.cli import ArgumentParser, command
+from wcl_fast.cli import command, config_arguments
 from wcl_fast.config import Config, ConfigError, check_paths, load_config
 
 
@@ -152,10 +152,8 @@ def finetune(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
 
 @command
 def main(argv=None) -> int:
-    parser = ArgumentParser(prog="python -m wcl_fast.finetune", description="Semi-supervised fine-tuning")
-    parser.add_argument("--config", required=True)
-    parser.add_argument("overrides", nargs="*", help="key=value, e.g. finetune.checkpoint=... finetune.label_fraction=0.1")
-    args = parser.parse_args(argv)
+    args = config_arguments("python -m wcl_fast.finetune", "Semi-supervised fine-tuning",
+                            "key=value, e.g. finetune.checkpoint=... finetune.label_fraction=0.1", argv)
     cfg = load_config(args.config, args.overrides)
     check_paths(cfg, need_val=True)
     resolve_backend(cfg, report=True)

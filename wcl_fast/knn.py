@@ -14,7 +14,7 @@ import sys
 import torch
 
 from wcl_fast import dist as wdist
-from wcl_fast.cli import ArgumentParser, command
+from wcl_fast.cli import command, config_arguments
 from wcl_fast.evaluation import extract_all
 from wcl_fast.runtime import memory_format
 
@@ -70,10 +70,8 @@ def main(argv=None) -> int:
     from wcl_fast.config import check_paths, load_config, to_dict
     from wcl_fast.model import build_encoder
 
-    parser = ArgumentParser(prog="python -m wcl_fast.knn", description="Weighted kNN evaluation of a WCL encoder")
-    parser.add_argument("--config", required=True)
-    parser.add_argument("overrides", nargs="*", help="key=value; checkpoint=PATH selects the weights (default: untrained)")
-    args = parser.parse_args(argv)
+    args = config_arguments("python -m wcl_fast.knn", "Weighted kNN evaluation of a WCL encoder",
+                            "key=value; checkpoint=PATH selects the weights (default: untrained)", argv)
     checkpoint = None
     overrides = []
     for item in args.overrides:

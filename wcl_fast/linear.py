@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from pipelines import resolve_backend
 from pipelines.reference import LinearTrainDataset  # noqa: F401 (the probe's training view; used by finetune)
 from wcl_fast import dist as wdist
-from wcl_fast.cli import ArgumentParser, command
+from wcl_fast.cli import command, config_arguments
 from wcl_fast.config import Config, check_out_dir, check_paths, load_config
 from wcl_fast.evaluation import accuracy, encoder_features, extract_all, load_encoder
 from wcl_fast.optim import learning_rate
@@ -112,10 +112,8 @@ def train_linear(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
 
 @command
 def main(argv=None) -> int:
-    parser = ArgumentParser(prog="python -m wcl_fast.linear", description="Linear evaluation of a WCL encoder")
-    parser.add_argument("--config", required=True)
-    parser.add_argument("overrides", nargs="*", help="key=value, e.g. linear.checkpoint=runs/X/checkpoint.pt")
-    args = parser.parse_args(argv)
+    args = config_arguments("python -m wcl_fast.linear", "Linear evaluation of a WCL encoder",
+                            "key=value, e.g. linear.checkpoint=runs/X/checkpoint.pt", argv)
     cfg = load_config(args.config, args.overrides)
     check_paths(cfg, need_val=True)
     check_out_dir(cfg.linear.out_dir, "linear.out_dir")

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from wcl_fast.cli import ArgumentParser, command
+from wcl_fast.config import ConfigError
 
 PANELS = (("loss terms", None), ("learning rate", "lr"), ("samples/s", "samples_per_s"),
           ("data-wait (%)", "data_wait"), ("kNN top-1 (%)", "knn_top1"))
@@ -19,7 +20,7 @@ NOT_LOSS_TERMS = {"step", "time", "lr", "epoch", "samples_per_s", "data_wait", "
                   "knn_top1", "knn_top5", "knn_count", "knn_unreadable", "replica_divergence", "knn_unconverged"}
 
 
-class PlotError(ValueError):
+class PlotError(ConfigError):
     """A run folder without a readable log.jsonl; the message names it and what to do."""
 
 
@@ -105,13 +106,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     labels = args.labels.split(",") if args.labels else None
     if labels is not None and len(labels) != len(args.runs):
-        print(f"error: --labels has {len(labels)} names for {len(args.runs)} runs; give one per run", file=sys.stderr)
-        return 2
-    try:
-        out = plot_runs(args.runs, args.out or Path(args.runs[0]) / "curves.png", labels)
-    except PlotError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--labels has {len(labels)} names for {len(args.runs)} runs; give one per run")
+    out = plot_runs(args.runs, args.out or Path(args.runs[0]) / "curves.png", labels)  # PlotError: one line, exit 2
     print(f"wrote {out}")
     return 0
 

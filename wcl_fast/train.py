@@ -19,7 +19,7 @@ from tqdm import tqdm
 from wcl_fast import dist as wdist
 from wcl_fast.checkpoint import (CHECKPOINT_NAME, Checkpointer, CheckpointWriteError, NonFiniteError, RunLock,
                                  remove_stale_temporaries, resolve_resume, resume)
-from wcl_fast.cli import ArgumentParser, command
+from wcl_fast.cli import command, config_arguments
 from wcl_fast.config import Config, ConfigError, check_out_dir, check_paths, load_config, to_yaml
 from wcl_fast.log import RunLogger, StepMeter, provenance, use_progress_bar
 from wcl_fast.model import build_model
@@ -291,10 +291,8 @@ def run_knn(cfg: Config, model, device, logger: RunLogger, step: int, summary: d
 
 
 def parse_args(argv=None):
-    parser = ArgumentParser(prog="python -m wcl_fast.train", description="Train WCL (Zheng et al., ICCV 2021)")
-    parser.add_argument("--config", required=True, help="YAML experiment file, e.g. configs/imagenet_wcl_200ep.yaml")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=100 data.batch_size=1024")
-    return parser.parse_args(argv)
+    return config_arguments("python -m wcl_fast.train", "Train WCL (Zheng et al., ICCV 2021)",
+                            "key=value overrides, e.g. train.epochs=100 data.batch_size=1024", argv)
 
 
 @command  # a ConfigError anywhere: one line, exit 2
