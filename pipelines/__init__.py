@@ -12,7 +12,7 @@ from pipelines.batch import MultiCropBatch, current_device
 from wcl_fast.config import Config, ConfigError
 
 __all__ = ["LoaderChoice", "MultiCropBatch", "build_eval_loader", "build_loader", "build_train_eval_loader",
-           "choose_backend", "resolve_backend"]
+           "build_probe_loader", "choose_backend", "resolve_backend"]
 
 DALI_INSTALL = "pip install nvidia-dali-cuda130 (CUDA 13; nvidia-dali-cuda120 for CUDA 12)"
 
@@ -160,3 +160,46 @@ def build_eval_loader(data_cfg, directory: str, key: str, batch_size: int, rank:
     from pipelines.reference import build_eval_loader as reference_eval_loader
 
     return reference_eval_loader(data_cfg, directory, key, batch_size, rank, world, pin_memory, pretraining)
+
+
+class SubsetByKey(torch.utils.data.Dataset):
+    """Maps sampler keys (epoch, position) onto (epoch, subset[position]) of the wrapped dataset."""
+
+    def __init__(self, dataset, indices: list[int]):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key):
+        epoch, position = key
+        return self.dataset[(epoch, self.indices[position])]
+
+
+def build_probe_loader(data_cfg, seed: int, rank: int, world: int, batch_size: int, device: torch.device,
+                       subset: list[int] | None = None):
+    """The training loader of the linear probe and of fine-tuning on any backend: the probe view
+    (pipelines.reference.probe_crop_params: RandomResizedCrop (0.08, 1) + flip) of the training images,
+    or of the sample ids in `subset` (fine-tuning's labelled images). The loader has `.sampler` and
+    `.epoch(e)` like the pre-training loaders."""
+    if data_cfg.backend == "ffcv":  # RandomResizedCrop in FFCV's decoder, flip on the device
+        from pipelines.ffcv import FFCVLinearLoader
+
+        return FFCVLinearLoader(data_cfg, seed, rank, world, batch_size, subset=subset, device=device)
+    if data_cfg.backend == "dali":  # the same crop choices, decoded and cut in DALI
+        from pipelines.dali import DaliMultiCropLoader
+
+        return DaliMultiCropLoader(data_cfg, seed, rank, world, device.index if device.type == "cuda" else None,
+                                   linear=True, subset=subset, batch_size=batch_size)
+    from pipelines.batch import collate_eval
+    from pipelines.datasets import load_split
+    from pipelines.images import ImageSource
+    from pipelines.reference import LinearTrainDataset
+    from pipelines.sampling import MultiCropLoader, StepSampler
+
+    samples, _, decode = load_split(data_cfg, data_cfg.train_dir, "data.train_dir")
+    dataset = LinearTrainDataset(ImageSource(samples, decode), data_cfg, seed)
+    if subset is not None:
+        dataset = SubsetByKey(dataset, subset)
+    sampler = StepSampler(len(dataset), batch_size, rank, world, seed)
+    return MultiCropLoader(dataset, sampler, data_cfg.workers, device.type == "cuda", collate=collate_eval)

@@ -3,10 +3,13 @@
     python -m pipelines.convert --src /data/imagenet/train --out /data/imagenet/train_512.beton \
         [--max-resolution 512] [--jpeg-quality 90] [--write-mode jpg|raw|proportion] [--workers N] [--force]
         [--compress-probability 0.5] [--index-field]
+    python -m pipelines.convert --src /data/imagenet/val --out val.beton --val-labels LOC_val_solution.csv \
+        --train-dir /data/imagenet/train      # a flat ILSVRC2012 validation folder (devkit: + --val-synsets meta.mat)
 
 1. Validates the source: class folders (sorted, ids as the reference loader / torchvision assign
-   them), empty class folders and non-image files are reported; every image is fully decoded once
-   (threads) and the unreadable ones (corrupt, truncated) are skipped with their reason. CMYK,
+   them), empty class folders and non-image files are reported. Every image is decoded once, in FFCV's
+   writer workers; unreadable ones (corrupt, truncated) are flagged there, and only then is the file
+   written again without them; they are skipped with their reason. CMYK,
    grayscale, palette and alpha images are converted to RGB as the reference loader does; tiny
    images are kept.
 2. Writes the readable images with FFCV's DatasetWriter into a temporary file next to --out and
@@ -23,7 +26,6 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -84,8 +86,12 @@ class _Records:
     worker it first notes i as the record this worker is on."""
 
     def __init__(self, samples: list[tuple[str, int]], max_resolution: int | None, current=None, index_field=False):
+        import multiprocessing
+
         self.samples, self.max_resolution, self.current = samples, max_resolution, current
         self.index_field = index_field
+        # 1 where the record's file did not decode: shared with FFCV's (forked) writer workers
+        self.unreadable = multiprocessing.RawArray("b", len(samples))
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -94,7 +100,12 @@ class _Records:
         if self.current is not None and _SLOT is not None:
             self.current[_SLOT] = i
         path, label = self.samples[i]
-        image = fit_resolution(np.asarray(load_rgb(path)), self.max_resolution)
+        try:
+            decoded = np.asarray(load_rgb(path))
+        except Exception:  # an unreadable file: a 1 x 1 placeholder now; convert() writes again without it
+            self.unreadable[i] = 1
+            decoded = np.zeros((1, 1, 3), dtype=np.uint8)
+        image = fit_resolution(decoded, self.max_resolution)
         return (image, label, i) if self.index_field else (image, label)
 
 
@@ -204,9 +215,22 @@ class _WatchedWriter:
                             f"file and run the conversion again")
 
 
+def flat_source(src: Path, val_labels: str, val_synsets: str, train_dir: str):
+    """scan_source for a flat ILSVRC2012 validation folder: labels from LOC_val_solution.csv or the devkit's
+    ground truth (+ meta.mat), class ids of the sorted training folders (as data.val_labels reads it)."""
+    from pipelines.datasets import flat_val_split
+
+    if not train_dir:
+        raise ConfigError("--val-labels needs --train-dir: the class ids are those of the training folders")
+    samples, classes = flat_val_split(str(src), val_labels, val_synsets, train_dir, key="--src")
+    other = [str(p) for p in sorted(src.iterdir()) if p.is_file() and p.suffix.lower() not in IMAGE_EXTENSIONS]
+    counts = {label for _, label in samples}
+    return samples, classes, [name for i, name in enumerate(classes) if i not in counts], other
+
+
 def convert(src: str, out: str, max_resolution: int | None = 512, jpeg_quality: int = 90, write_mode: str = "jpg",
             workers: int = 1, force: bool = False, quiet: bool = False, index_field: bool = False,
-            compress_probability: float = 0.5) -> dict:
+            compress_probability: float = 0.5, val_labels: str = "", val_synsets: str = "", train_dir: str = "") -> dict:
     from pipelines.ffcv import keep_torch_threads
 
     try:
@@ -221,19 +245,16 @@ def convert(src: str, out: str, max_resolution: int | None = 512, jpeg_quality: 
     if write_mode not in ("jpg", "raw", "proportion"):
         raise ConfigError(f"--write-mode: {write_mode!r} is not one of jpg, raw, proportion")
     start = time.perf_counter()
-    samples, classes, empty, other = scan_source(src_path)
+    if val_labels:
+        samples, classes, empty, other = flat_source(src_path, val_labels, val_synsets, train_dir)
+    else:
+        samples, classes, empty, other = scan_source(src_path)
     say = (lambda text: None) if quiet else (lambda text: print(text, file=sys.stderr, flush=True))
     say(f"convert: {len(samples)} images in {len(classes)} classes under {src_path}")
     if empty:
         say(f"warning: {len(empty)} empty class folders keep their class ids but have no records: {', '.join(empty[:10])}")
     if other:
         say(f"warning: {len(other)} non-image files are ignored, e.g. {other[0]}")
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        reasons = list(pool.map(_check, [p for p, _ in samples], chunksize=64))
-    skipped = [(path, reason) for (path, _), reason in zip(samples, reasons) if reason is not None]
-    good = [s for s, reason in zip(samples, reasons) if reason is None]
-    if not good:
-        raise ConfigError(f"--src: none of the {len(samples)} images of '{src_path}' could be decoded")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.partial-{os.getpid()}")
     fields = {"image": RGBImageField(write_mode="proportion" if write_mode == "proportion" else write_mode,
@@ -241,14 +262,31 @@ def convert(src: str, out: str, max_resolution: int | None = 512, jpeg_quality: 
                                      compress_probability=compress_probability),
               "label": IntField(), **({"index": IntField()} if index_field else {})}
     write_start = time.perf_counter()
-    watched = _WatchedWriter(max(1, workers))
+    good, unreadable = samples, set()
     try:
-        watched.write(str(tmp), fields, _Records(good, max_resolution, watched.current, index_field), good)
+        # Each image is decoded once, inside FFCV's writer workers (FFCV's progress bar). A file that does
+        # not decode is written as a placeholder and flagged; only then is the file written again
+        # without the flagged ones (a second pass happens only when the folder has unreadable files).
+        for attempt in range(3):
+            watched = _WatchedWriter(max(1, workers))
+            records = _Records(good, max_resolution, watched.current, index_field)
+            watched.write(str(tmp), fields, records, good)
+            flagged = {good[i][0] for i in range(len(good)) if records.unreadable[i]}
+            if not flagged:
+                break
+            unreadable |= flagged
+            good = [s for s in good if s[0] not in flagged]
+            if not good:
+                raise ConfigError(f"--src: none of the {len(samples)} images of '{src_path}' could be decoded")
+            say(f"{len(flagged)} unreadable images: writing the {len(good)} others again")
+        else:
+            raise ConfigError(f"--src: images of '{src_path}' kept failing to decode; check the disk")
         os.replace(tmp, out_path)
     finally:
         if tmp.exists():
             tmp.unlink()
     seconds = time.perf_counter() - write_start
+    skipped = [(path, _check(path) or "unreadable in the writer") for path, _ in samples if path in unreadable]
     summary = {"source": str(src_path), "out": str(out_path), "classes": classes, "count": len(good),
                "paths": [str(Path(p).relative_to(src_path)) for p, _ in good],
                "skipped": [{"path": p, "reason": r} for p, r in skipped], "empty_classes": empty,
@@ -276,13 +314,18 @@ def main(argv=None) -> int:
                         help="proportion mode: the share of images stored as JPEG, the rest raw (ffcv-imagenet: 0.5)")
     parser.add_argument("--workers", type=at_least(1), default=max(1, (os.cpu_count() or 2) - 1))
     parser.add_argument("--force", action="store_true", help="overwrite --out")
+    parser.add_argument("--val-labels", default="", help="a flat validation folder's labels: LOC_val_solution.csv "
+                        "or ILSVRC2012_validation_ground_truth.txt (then --val-synsets meta.mat)")
+    parser.add_argument("--val-synsets", default="", help="with the devkit's ground truth: its data/meta.mat")
+    parser.add_argument("--train-dir", default="", help="with --val-labels: the training ImageFolder (class ids)")
     parser.add_argument("--index-field", action="store_true",
                         help="also store each record's position as a field 'index' (wcl-fast does not need it)")
     args = parser.parse_args(argv)
     if not 0 <= args.compress_probability <= 1:
         raise ConfigError(f"--compress-probability must be in [0, 1], got {args.compress_probability}")
     convert(args.src, args.out, args.max_resolution or None, args.jpeg_quality, args.write_mode, args.workers, args.force,
-            index_field=args.index_field, compress_probability=args.compress_probability)
+            index_field=args.index_field, compress_probability=args.compress_probability,
+            val_labels=args.val_labels, val_synsets=args.val_synsets, train_dir=args.train_dir)
     return 0
 
 

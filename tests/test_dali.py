@@ -218,7 +218,8 @@ def test_linear_training_view_matches_the_reference_and_runs(colour_folder, tmp_
     """The linear-probe / fine-tuning training view in DALI: the same RandomResizedCrop + flip choices
     as pipelines.reference.LinearTrainDataset; linear probe and fine-tuning run on data.backend=dali."""
     from wcl_fast.finetune import finetune
-    from wcl_fast.linear import LinearTrainDataset, train_linear
+    from pipelines.reference import LinearTrainDataset
+    from wcl_fast.linear import train_linear
 
     cfg = _cfg(colour_folder, batch_size=30)
     loader = D.DaliMultiCropLoader(cfg, seed=2, rank=0, world=1, linear=True)

@@ -117,3 +117,18 @@ def test_dali_reads_the_same_flat_labels(imagenet):
     assert loader.samples == _expected(imagenet) and loader.classes == WNIDS
     labels = torch.cat([b.label for b in loader]).tolist()
     assert labels == [label for _, label in _expected(imagenet)]
+
+
+def test_the_converter_writes_a_flat_validation_folder_with_its_labels(imagenet, capsys):
+    """python -m pipelines.convert --val-labels: records in file order with the training-folder class ids,
+    the same labels an FFCV reader gets; without --train-dir one line and exit 2."""
+    pytest.importorskip("ffcv")
+    from pipelines.convert import main as convert_main
+    from pipelines.ffcv import beton_labels, open_beton
+
+    out = imagenet / "val.beton"
+    args = ["--src", str(imagenet / "val"), "--out", str(out), "--workers", "1",
+            "--val-labels", str(imagenet / "ILSVRC2012_validation_ground_truth.txt"), "--val-synsets", str(imagenet / "meta.mat")]
+    assert convert_main(args) == 2 and "--train-dir" in capsys.readouterr().err
+    assert convert_main(args + ["--train-dir", str(imagenet / "train")]) == 0
+    assert beton_labels(open_beton(str(out)), DataConfig()).tolist() == [label for _, label in _expected(imagenet)]

@@ -59,27 +59,9 @@ def balanced_subset(labels: list[int], fraction: float, seed: int) -> list[int]:
     return sorted(chosen)
 
 
-class _SubsetByKey(torch.utils.data.Dataset):
-    """Maps sampler keys (epoch, position) onto (epoch, subset[position]) of the wrapped dataset."""
-
-    def __init__(self, dataset, indices: list[int]):
-        self.dataset, self.indices = dataset, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, key):
-        epoch, position = key
-        return self.dataset[(epoch, self.indices[position])]
-
-
 def finetune(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
-    from pipelines import build_eval_loader, resolve_backend
+    from pipelines import build_eval_loader, build_probe_loader
     from pipelines.datasets import load_split
-    from pipelines.images import ImageSource
-    from pipelines.sampling import MultiCropLoader, StepSampler
-    from pipelines.batch import collate_eval
-    from pipelines.reference import LinearTrainDataset
     from wcl_fast.evaluation import accuracy, extract_all, load_encoder
 
     ctx = ctx or wdist.init_distributed()
@@ -91,7 +73,7 @@ def finetune(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
 
         samples, classes, root = beton_samples(cfg.data.beton, cfg.data, need_paths=bool(ft.subset_file))
     else:
-        samples, classes, decode = load_split(cfg.data, cfg.data.train_dir, "data.train_dir")
+        samples, classes, _ = load_split(cfg.data, cfg.data.train_dir, "data.train_dir")
         root = cfg.data.train_dir
     if ft.subset_file:
         subset = read_subset_file(ft.subset_file, samples, root)
@@ -110,21 +92,7 @@ def finetune(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
     net = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
            if ctx.distributed else model)
     pin = device.type == "cuda"
-    if cfg.data.backend == "ffcv":
-        from pipelines.ffcv import FFCVLinearLoader
-
-        loader = FFCVLinearLoader(cfg.data, cfg.train.seed, ctx.rank, ctx.world_size, ft.batch_size, subset=subset,
-                                  device=device)
-    elif cfg.data.backend == "dali":  # the same crop choices, decoded and cut in DALI
-        from pipelines.dali import DaliMultiCropLoader
-
-        loader = DaliMultiCropLoader(cfg.data, cfg.train.seed, ctx.rank, ctx.world_size,
-                                     device.index if device.type == "cuda" else None, linear=True, subset=subset,
-                                     batch_size=ft.batch_size)
-    else:
-        sampler = StepSampler(len(subset), ft.batch_size, ctx.rank, ctx.world_size, cfg.train.seed)
-        dataset = _SubsetByKey(LinearTrainDataset(ImageSource(samples, decode), cfg.data, cfg.train.seed), subset)
-        loader = MultiCropLoader(dataset, sampler, cfg.data.workers, pin, collate=collate_eval)
+    loader = build_probe_loader(cfg.data, cfg.train.seed, ctx.rank, ctx.world_size, ft.batch_size, device, subset)
     lr = ft.lr_scale * ft.batch_size / 256
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=ft.momentum, nesterov=ft.nesterov,
                                 weight_decay=ft.weight_decay)

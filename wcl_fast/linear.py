@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from pipelines import resolve_backend
-from pipelines.reference import LinearTrainDataset  # noqa: F401 (the probe's training view; used by finetune)
 from wcl_fast import dist as wdist
 from wcl_fast.cli import command, config_arguments
 from wcl_fast.config import Config, check_out_dir, check_paths, load_config
@@ -27,11 +26,8 @@ from wcl_fast.optim import learning_rate
 
 def train_linear(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
     """Train the linear classifier; returns final and best-epoch top-1/top-5 on the validation set."""
-    from pipelines import build_eval_loader, resolve_backend
-    from pipelines.datasets import load_split
-    from pipelines.images import ImageSource
-    from pipelines.sampling import MultiCropLoader, StepSampler
-    from pipelines.batch import collate_eval
+    from pipelines import build_eval_loader, build_probe_loader
+    from pipelines.sampling import StepSampler
 
     ctx = ctx or wdist.init_distributed()
     resolve_backend(cfg)  # data.backend=auto -> the concrete loader
@@ -60,23 +56,8 @@ def train_linear(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
         sampler = StepSampler(feats.shape[0], lin.batch_size, 0, 1, cfg.train.seed)  # rows of the readable images
         model = classifier
     else:
-        if cfg.data.backend == "ffcv":  # RandomResizedCrop in FFCV's decoder, flip on the device
-            from pipelines.ffcv import FFCVLinearLoader
-
-            loader = FFCVLinearLoader(cfg.data, cfg.train.seed, ctx.rank, ctx.world_size, lin.batch_size, device=device)
-            sampler = loader.sampler
-        elif cfg.data.backend == "dali":  # the same crop choices, decoded and cut in DALI
-            from pipelines.dali import DaliMultiCropLoader
-
-            loader = DaliMultiCropLoader(cfg.data, cfg.train.seed, ctx.rank, ctx.world_size,
-                                         device.index if device.type == "cuda" else None, linear=True,
-                                         batch_size=lin.batch_size)
-            sampler = loader.sampler
-        else:
-            samples, _, decode = load_split(cfg.data, cfg.data.train_dir, "data.train_dir")
-            sampler = StepSampler(len(samples), lin.batch_size, ctx.rank, ctx.world_size, cfg.train.seed)
-            loader = MultiCropLoader(LinearTrainDataset(ImageSource(samples, decode), cfg.data, cfg.train.seed), sampler,
-                                     cfg.data.workers, pin, collate=collate_eval)
+        loader = build_probe_loader(cfg.data, cfg.train.seed, ctx.rank, ctx.world_size, lin.batch_size, device)
+        sampler = loader.sampler
         model = (torch.nn.parallel.DistributedDataParallel(classifier, device_ids=[device.index] if pin else None)
                  if ctx.distributed else classifier)
     steps_per_epoch = sampler.steps_per_epoch

@@ -1,0 +1,84 @@
+"""Converter benchmark: `pipelines.convert` against a plain FFCV `DatasetWriter` over torchvision's
+`ImageFolder` (the ffcv-imagenet way), side by side on the same folder, settings and workers.
+
+    python -m pipelines.bench_convert [--data DIR|photos] [--workers 2] [--repeats 3] [--json out.json]
+
+Both write jpg records with the longest side capped at 512 and JPEG quality 90. The two are run
+alternately `--repeats` times; the table gives each one's median images/s and the ratio. wcl-fast's
+converter does more per image (a check pass that decodes every image to skip unreadable ones, the
+resize with every side >= 1 px, the watched writer workers, the sidecar JSON), which is the cost the
+ratio shows. Without --data it uses the loader bench's 256 synthetic 500 x 375 JPEGs.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from wcl_fast.cli import ArgumentParser, at_least, command, output_file
+
+
+def plain_ffcv(src: str, out: str, workers: int, max_resolution: int = 512, jpeg_quality: int = 90) -> int:
+    """The reference conversion: FFCV's DatasetWriter over torchvision's ImageFolder; returns the records."""
+    from pipelines.ffcv import keep_torch_threads
+
+    with keep_torch_threads():
+        from ffcv.fields import IntField, RGBImageField
+        from ffcv.writer import DatasetWriter
+    from torchvision.datasets import ImageFolder
+
+    dataset = ImageFolder(src)
+    writer = DatasetWriter(out, {"image": RGBImageField(write_mode="jpg", max_resolution=max_resolution,
+                                                        jpeg_quality=jpeg_quality),
+                                 "label": IntField()}, num_workers=workers)
+    writer.from_indexed_dataset(dataset, chunksize=64)
+    return len(dataset)
+
+
+@command
+def main(argv=None) -> int:
+    from pipelines.bench import write_bench_images, write_photo_images
+    from pipelines.convert import convert
+
+    parser = ArgumentParser(prog="python -m pipelines.bench_convert", description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default=None, help="ImageFolder, or 'photos' (default: synthetic JPEGs)")
+    parser.add_argument("--workers", type=at_least(1), default=2)
+    parser.add_argument("--repeats", type=at_least(1), default=3)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    output_file("--json", args.json)
+    if args.data is None:
+        src = write_bench_images(Path("data") / "bench_jpeg")
+    elif args.data == "photos":
+        src = write_photo_images(Path("data") / "bench_photos")
+    else:
+        src = Path(args.data)
+    times: dict[str, list[float]] = {"wcl-fast convert": [], "FFCV DatasetWriter + ImageFolder": []}
+    count = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(args.repeats):
+            start = time.perf_counter()
+            count = convert(str(src), f"{tmp}/ours{repeat}.beton", 512, 90, "jpg", args.workers, quiet=True)["count"]
+            times["wcl-fast convert"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            plain_ffcv(str(src), f"{tmp}/plain{repeat}.beton", args.workers)
+            times["FFCV DatasetWriter + ImageFolder"].append(time.perf_counter() - start)
+    rows = {name: {"median_s": statistics.median(t), "images_per_s": count / statistics.median(t), "runs_s": t}
+            for name, t in times.items()}
+    ratio = rows["wcl-fast convert"]["images_per_s"] / rows["FFCV DatasetWriter + ImageFolder"]["images_per_s"]
+    print(f"{count} images from {src}, {args.workers} workers, jpg, max resolution 512, quality 90, "
+          f"median of {args.repeats} alternating runs")
+    print(f"{'converter':<36}{'images/s':>10}{'median s':>10}")
+    for name, row in rows.items():
+        print(f"{name:<36}{row['images_per_s']:>10.1f}{row['median_s']:>10.2f}")
+    print(f"wcl-fast / plain FFCV: {ratio:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"count": count, "workers": args.workers, "rows": rows, "ratio": ratio}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
