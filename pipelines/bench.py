@@ -31,7 +31,6 @@ import numpy as np
 import torch
 
 from pipelines.batch import current_device, current_device_id
-from wcl_fast.cli import ArgumentParser, at_least, command, output_file
 
 BACKENDS = ("reference", "auto", "dali", "dali-graph", "ffcv", "ffcv-torch", "ffcv8", "ffcv-crop", "ffcv8-crop")
 
@@ -176,8 +175,17 @@ def measure(backend: str, cfg, batches: int) -> dict:
     return row
 
 
-@command
 def main(argv=None) -> int:
+    """The command (a user error: one line, exit 2). wcl_fast.cli, the commands' convention, is imported here
+    only: the pipelines library itself imports nothing of wcl_fast but its config."""
+    from wcl_fast.cli import command
+
+    return command(_main)(argv)
+
+
+def _main(argv=None) -> int:
+    from wcl_fast.cli import ArgumentParser, at_least, output_file
+
     from wcl_fast.config import ConfigError, DataConfig
 
     parser = ArgumentParser(prog="python -m pipelines.bench", description=__doc__.split("\n")[0])

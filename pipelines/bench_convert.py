@@ -18,7 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from wcl_fast.cli import ArgumentParser, at_least, command, output_file
 
 
 def plain_ffcv(src: str, out: str, workers: int, max_resolution: int = 512, jpeg_quality: int = 90) -> int:
@@ -38,8 +37,17 @@ def plain_ffcv(src: str, out: str, workers: int, max_resolution: int = 512, jpeg
     return len(dataset)
 
 
-@command
 def main(argv=None) -> int:
+    """The command (a user error: one line, exit 2). wcl_fast.cli, the commands' convention, is imported here
+    only: the pipelines library itself imports nothing of wcl_fast but its config."""
+    from wcl_fast.cli import command
+
+    return command(_main)(argv)
+
+
+def _main(argv=None) -> int:
+    from wcl_fast.cli import ArgumentParser, at_least, output_file
+
     from pipelines.bench import write_bench_images, write_photo_images
     from pipelines.convert import convert
 

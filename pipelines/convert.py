@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.images import IMAGE_EXTENSIONS, load_rgb, scan_class_folder
-from wcl_fast.cli import ArgumentParser, at_least, between, command
 from wcl_fast.config import ConfigError
 
 
@@ -302,8 +301,17 @@ def convert(src: str, out: str, max_resolution: int | None = 512, jpeg_quality: 
     return summary
 
 
-@command
 def main(argv=None) -> int:
+    """The command (a user error: one line, exit 2). wcl_fast.cli, the commands' convention, is imported here
+    only: the pipelines library itself imports nothing of wcl_fast but its config."""
+    from wcl_fast.cli import command
+
+    return command(_main)(argv)
+
+
+def _main(argv=None) -> int:
+    from wcl_fast.cli import ArgumentParser, at_least, between
+
     parser = ArgumentParser(prog="python -m pipelines.convert", description=__doc__.split("\n")[0])
     parser.add_argument("--src", required=True, help="ImageFolder: one sub-folder per class")
     parser.add_argument("--out", required=True, help="the .beton file to write")
