@@ -92,7 +92,7 @@ def build_loader(cfg: Config, split: str, rank: int, world: int):
         resolve_backend(cfg)
     pin = torch.cuda.is_available()
     if cfg.data.backend == "reference":
-        from pipelines.reference import build_train_loader
+        from pipelines.pil import build_train_loader
 
         return build_train_loader(cfg.data, cfg.train.seed, rank, world, pin)
     if cfg.data.backend == "synthetic":
@@ -157,7 +157,7 @@ def build_eval_loader(data_cfg, directory: str, key: str, batch_size: int, rank:
         beton_key = "data.val_beton" if key == "data.val_dir" else "data.beton"
         loader = FFCVEvalLoader(data_cfg, beton, batch_size, rank, world, device, beton_key)
         return loader, loader.count, len(loader.classes)
-    from pipelines.reference import build_eval_loader as reference_eval_loader
+    from pipelines.pil import build_eval_loader as reference_eval_loader
 
     return reference_eval_loader(data_cfg, directory, key, batch_size, rank, world, pin_memory, pretraining)
 
@@ -194,7 +194,7 @@ def build_probe_loader(data_cfg, seed: int, rank: int, world: int, batch_size: i
     from pipelines.batch import collate_eval
     from pipelines.datasets import load_split
     from pipelines.images import ImageSource
-    from pipelines.reference import LinearTrainDataset
+    from pipelines.pil import LinearTrainDataset
     from pipelines.sampling import MultiCropLoader, StepSampler
 
     samples, _, decode = load_split(data_cfg, data_cfg.train_dir, "data.train_dir")

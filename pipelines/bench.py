@@ -108,7 +108,7 @@ def write_photo_images(root: Path, count: int = 256, size=(500, 375)) -> Path:
 
 def build(backend: str, cfg):
     if backend == "reference":
-        from pipelines.reference import build_train_loader
+        from pipelines.pil import build_train_loader
 
         return build_train_loader(cfg, 0, 0, 1, pin_memory=torch.cuda.is_available())
     if backend in ("dali", "dali-graph"):  # dali-graph: the augmentations inside the DALI graph also on the CPU

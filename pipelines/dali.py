@@ -217,7 +217,7 @@ class DaliMultiCropLoader:
                  linear: bool = False, subset: list[int] | None = None, batch_size: int | None = None,
                  augment: str | None = None):
         """linear=True: the linear-probe / fine-tuning training view instead (one RandomResizedCrop
-        (0.08, 1) + flip per image, drawn like pipelines.reference.LinearTrainDataset). subset: sample ids
+        (0.08, 1) + flip per image, drawn like pipelines.pil.LinearTrainDataset). subset: sample ids
         the sampler ranges over (fine-tuning label subsets). batch_size: global batch (default data.batch_size)."""
         _import_dali()
         self.cfg, self.seed, self.linear = cfg, seed, linear

@@ -83,7 +83,7 @@ def _folder_with_links(root: Path) -> tuple[Path, list[str]]:
 
 def test_symlink_loops_and_dangling_links_are_counted_and_named(tmp_path, capfd):
     from pipelines.images import scan_image_folder
-    from pipelines.reference import build_eval_loader
+    from pipelines.pil import build_eval_loader
 
     root, unreadable = _folder_with_links(tmp_path / "val")
     samples, classes = scan_image_folder(root, "data.val_dir")
@@ -250,7 +250,7 @@ def test_ffcv_evaluation_of_a_1x1_image_does_not_abort(tmp_path):
 @needs_dali
 def test_dali_decodes_within_the_pixel_cap_and_names_images_over_it(tmp_path, capfd):
     from pipelines.dali import DaliEvalLoader, EncodedReader
-    from pipelines.reference import build_eval_loader
+    from pipelines.pil import build_eval_loader
 
     root = tmp_path / "val"
     for i in range(5):

@@ -14,6 +14,7 @@ pytest.importorskip("nvidia.dali")
 
 from conftest import write_colour_folder, write_odd_images  # noqa: E402
 from pipelines import dali as D  # noqa: E402
+from pipelines import pil as P  # noqa: E402
 from pipelines import reference as R  # noqa: E402
 from pipelines.batch import collate_multicrop  # noqa: E402
 from pipelines.images import ImageSource  # noqa: E402
@@ -66,7 +67,7 @@ def test_crops_match_the_reference_loader(colour_folder, switch, augment):
     cfg = _cfg(colour_folder, aug_switch_epoch=switch, batch_size=90, dali_augment=augment)
     loader = D.DaliMultiCropLoader(cfg, seed=0, rank=0, world=1)
     batch = next(loader.epoch(1))
-    dataset = R.MultiCropDataset(ImageSource(loader.samples), cfg, seed=0)
+    dataset = P.MultiCropDataset(ImageSource(loader.samples), cfg, seed=0)
     ref = collate_multicrop([dataset[(1, i)] for i in batch.index.tolist()])
     for ours, theirs in ((batch.globals, ref.globals), (batch.locals, ref.locals)):  # 180 + 180 crops
         per_crop = (ours - theirs).abs().flatten(1).mean(1)
@@ -128,7 +129,7 @@ def test_odd_and_corrupt_files_are_decoded_or_skipped(tmp_path, capsys):
     assert names <= {"cmyk.jpg", "gray.jpg", "palette.png", "alpha.png", "tiny.jpg", "ok.jpg"}
     err = capsys.readouterr().err
     assert "garbage.jpg" in err and "truncated.jpg" in err
-    dataset = R.MultiCropDataset(ImageSource(loader.samples), cfg, seed=0)
+    dataset = P.MultiCropDataset(ImageSource(loader.samples), cfg, seed=0)
     requested = loader.sampler.permutation(0)[:8].tolist()
     compared = 0
     for row, (want, got) in enumerate(zip(requested, batch.index.tolist())):
@@ -216,9 +217,9 @@ def test_knn_monitor_runs_on_dali_eval(colour_folder):
 
 def test_linear_training_view_matches_the_reference_and_runs(colour_folder, tmp_path):
     """The linear-probe / fine-tuning training view in DALI: the same RandomResizedCrop + flip choices
-    as pipelines.reference.LinearTrainDataset; linear probe and fine-tuning run on data.backend=dali."""
+    as pipelines.pil.LinearTrainDataset; linear probe and fine-tuning run on data.backend=dali."""
     from wcl_fast.finetune import finetune
-    from pipelines.reference import LinearTrainDataset
+    from pipelines.pil import LinearTrainDataset
     from wcl_fast.linear import train_linear
 
     cfg = _cfg(colour_folder, batch_size=30)

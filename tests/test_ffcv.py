@@ -235,7 +235,7 @@ def test_evaluation_on_betons_matches_the_reference_transform(digits_beton, tmp_
     """Eval transform over a .beton (centre crop then resize) vs the reference (resize then centre crop)
     on the same images; 2 ranks cover the set exactly once; kNN, linear probe and fine-tuning run on FFCV."""
     from pipelines import build_eval_loader
-    from pipelines.reference import build_eval_loader as reference_eval
+    from pipelines.pil import build_eval_loader as reference_eval
     from wcl_fast.config import load_config
     from wcl_fast.finetune import finetune
     from wcl_fast.knn import evaluate_knn

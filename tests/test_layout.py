@@ -15,7 +15,7 @@ def _modules_after(imports: str) -> set[str]:
 
 
 def test_pipelines_import_only_the_config_of_wcl_fast():
-    loaded = _modules_after("import pipelines, pipelines.reference, pipelines.images, pipelines.sampling, pipelines.batch, "
+    loaded = _modules_after("import pipelines, pipelines.reference, pipelines.pil, pipelines.images, pipelines.sampling, pipelines.batch, "
                             "pipelines.datasets, pipelines.synthetic, pipelines.augment, pipelines.cpu_augment, "
                             "pipelines.crop_params, pipelines.keyed_random, pipelines.dali, pipelines.ffcv, "
                             "pipelines.convert, pipelines.bench, pipelines.bench_convert")

@@ -9,7 +9,8 @@ from PIL import Image
 from pipelines.images import ImageSource, scan_image_folder
 from pipelines.sampling import StepSampler, shard_range
 from pipelines.batch import collate_multicrop
-from pipelines.reference import MultiCropDataset, crop_recipes, random_resized_crop_box
+from pipelines.reference import crop_recipes, random_resized_crop_box
+from pipelines.pil import MultiCropDataset
 from wcl_fast.config import ConfigError, DataConfig, load_config
 
 
