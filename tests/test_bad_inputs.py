@@ -356,6 +356,8 @@ BAD_ARGUMENTS = [
     ("wcl_fast.bench_step", ["--config", str(SMOKE), "--scaling", "2"], "--scaling"),
     ("wcl_fast.compare", ["--seeds", "0"], "--seeds"),
     ("wcl_fast.compare", ["--out", "{tmp}/file"], "--out"),
+    ("wcl_fast.compare", ["compare.overrides=[moco:optim.lr_scale=1]"], "compare.overrides"),
+    ("wcl_fast.compare", ["compare.overrides=[slr:optim.bogus=1]"], "optim.bogus"),
     ("wcl_fast.demo", ["--json", "{tmp}/no/such/folder.json"], "--json"),
     ("wcl_fast.plot", ["{tmp}/none"], "log.jsonl"),
     ("wcl_fast.train", [], "--config"),

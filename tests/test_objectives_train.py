@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 from wcl_fast.config import ConfigError, load_config
@@ -108,7 +109,7 @@ def test_knn_rule_is_refused_for_other_objectives():
         load_config(SMOKE, ["loss.objective=slr", "loss.multicrop_rule=knn"])
 
 
-def test_compare_prints_table_json_and_chart(tmp_path):
+def test_compare_prints_table_json_and_chart(tmp_path, capsys):
     """wcl_fast.compare on a tiny real image folder: one row per objective plus the untrained floor."""
     import numpy as np
     from PIL import Image
@@ -128,9 +129,16 @@ def test_compare_prints_table_json_and_chart(tmp_path):
                  "--out", str(out), f"data.train_dir={tmp_path / 'data' / 'train'}",
                  f"data.val_dir={tmp_path / 'data' / 'val'}", "data.batch_size=8", "data.workers=0",
                  "train.epochs=1", "model.head_hidden=32", "model.head_out=16", "loss.momentum.queue_size=16",
-                 "knn.k=5", "knn.batch_size=8", "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]"])
+                 "knn.k=5", "knn.batch_size=8", "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]",
+                 "compare.overrides=[slr:optim.lr_scale=0.5, slr:loss.slr.lam=0.25]"])
     assert code == 0
     result = json.loads((out / "compare.json").read_text())
+    assert result["objective_overrides"] == {"slr": ["optim.lr_scale=0.5", "loss.slr.lam=0.25"]}
+    for name, lr_scale, lam in (("simclr", 0.075, 0.5), ("wcl", 0.075, 0.5), ("slr", 0.5, 0.25)):  # slr's runs only
+        for seed in (0, 1):
+            saved = yaml.safe_load((out / name / f"seed{seed}" / "config.yaml").read_text())
+            assert (saved["optim"]["lr_scale"], saved["loss"]["slr"]["lam"]) == (lr_scale, lam), (name, seed)
+    assert "slr only (compare.overrides): optim.lr_scale=0.5 loss.slr.lam=0.25" in capsys.readouterr().out
     assert [r["objective"] for r in result["rows"]] == ["untrained", "simclr", "wcl", "slr"]
     assert result["knn"]["count"] == 10 and result["seeds"] == [0, 1]
     for row in result["rows"]:

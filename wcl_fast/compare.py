@@ -3,7 +3,8 @@
     python -m wcl_fast.compare --config configs/cpu_compare.yaml [--objectives simclr,wcl,...] [key=value ...]
 
 Trains every objective with the same data, model, crops, batch, epochs, optimiser and seed (only
-`loss.objective` changes; each objective's own settings come from the config's loss.* sections),
+`loss.objective` changes; each objective's own settings come from the config's loss.* sections, and
+`compare.overrides` entries "objective:key=value" change one objective's runs only, printed with the table),
 then evaluates the encoder with the weighted kNN monitor; with --seeds N (default 3) every objective
 (and the untrained floor) runs for seeds train.seed .. train.seed + N - 1. Prints one table (mean +- sd
 over seeds of kNN top-1/top-5; samples/s, wall time, final loss) with the untrained encoder as the
@@ -44,14 +45,32 @@ def summarise(name: str, runs: list[dict]) -> dict:
     return row
 
 
+def objective_overrides(entries: list[str]) -> dict[str, list[str]]:
+    """compare.overrides ("objective:key=value" each) grouped by objective, in the order given."""
+    from wcl_fast.config import parse_objective_override
+
+    grouped: dict[str, list[str]] = {}
+    for text in entries:
+        name, override = parse_objective_override(text)
+        grouped.setdefault(name, []).append(override)
+    return grouped
+
+
 def run(cfg_path: str, objectives: list[str], overrides: list[str], out: Path, data: str | None, seeds: int = 3) -> dict:
     from wcl_fast import dist as wdist
-    from wcl_fast.config import check_paths, load_config
+    from wcl_fast.config import ConfigError, check_paths, load_config
     from wcl_fast.knn import evaluate_knn
     from wcl_fast.model import build_model
     from wcl_fast.plot import plot_runs
     from wcl_fast.train import train
 
+    per_name = objective_overrides(load_config(cfg_path, overrides).compare.overrides)
+    for name, entries in per_name.items():  # before any data is written: a bad key names its entry
+        for values in entries:
+            try:
+                load_config(cfg_path, [*overrides, values])
+            except ConfigError as exc:
+                raise ConfigError(f"compare.overrides entry '{name}:{values}': {exc}") from None
     extra = []
     if data is not None:
         from wcl_fast.demo import write_mnist_imagefolder
@@ -60,8 +79,16 @@ def run(cfg_path: str, objectives: list[str], overrides: list[str], out: Path, d
         extra = [f"data.train_dir={Path(data) / 'train'}", f"data.val_dir={Path(data) / 'test'}"]
     base = load_config(cfg_path, [*extra, *overrides, "knn.at_end=true"])
     check_paths(base)
-    ctx = wdist.init_distributed()
     seed_list = [base.train.seed + i for i in range(seeds)]
+    # every objective's config is built (and so checked) before anything trains; order: the file, then
+    # that objective's compare.overrides, then the command line's overrides
+    configs: dict[str, dict] = {}
+    for name in objectives:
+        configs[name] = {seed: load_config(cfg_path, [*extra, *per_name.get(name, []), *overrides, "knn.at_end=true",
+                                                      f"loss.objective={name}", f"train.seed={seed}",
+                                                      f"train.out_dir={out / name / f'seed{seed}'}", "train.resume=none"])
+                         for seed in seed_list}
+    ctx = wdist.init_distributed()
     per_objective: dict[str, list[dict]] = {"untrained": []}
     for seed in seed_list:  # the floor: each seed's initial weights, eval-mode BN (initial statistics)
         torch.manual_seed(seed)
@@ -71,18 +98,16 @@ def run(cfg_path: str, objectives: list[str], overrides: list[str], out: Path, d
     for name in objectives:
         per_objective[name] = []
         for seed in seed_list:
-            cfg = load_config(cfg_path, [*extra, *overrides, "knn.at_end=true", f"loss.objective={name}",
-                                         f"train.seed={seed}", f"train.out_dir={out / name / f'seed{seed}'}",
-                                         "train.resume=none"])
             start = time.perf_counter()
-            summary = train(cfg, ctx)
+            summary = train(configs[name][seed], ctx)
             per_objective[name].append({"seed": seed, "knn_top1": summary["knn_top1"], "knn_top5": summary["knn_top5"],
                                         "samples_per_s": summary["mean_samples_per_s"],
                                         "wall_s": time.perf_counter() - start, "loss": summary.get("loss")})
             if ctx.is_main:
                 print(f"[compare] {name} seed {seed}: kNN top-1 {summary['knn_top1']:.2f}%", flush=True)
     rows = [summarise(name, runs) for name, runs in per_objective.items()]
-    result = {"config": str(cfg_path), "overrides": overrides, "epochs": base.train.epochs,
+    result = {"config": str(cfg_path), "overrides": overrides,
+              "objective_overrides": {name: per_name[name] for name in objectives if name in per_name}, "epochs": base.train.epochs,
               "batch_size": base.data.batch_size, "arch": base.model.arch, "seeds": seed_list, "tau": base.loss.tau,
               "knn": {"k": base.knn.k, "temperature": base.knn.temperature, "count": floor["count"]},
               "device": str(ctx.device), "world_size": ctx.world_size, "rows": rows}
@@ -121,7 +146,10 @@ def format_table(result: dict) -> str:
     head = (f"equal budget: {result['arch']}, {result['epochs']} epochs, batch {result['batch_size']}, "
             f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))}), mean +- sd; "
             f"kNN k={result['knn']['k']} T={result['knn']['temperature']} on {result['knn']['count']} test images")
-    lines = [head, f"{'objective':<12}{'kNN top-1':>16}{'kNN top-5':>16}{'samples/s':>11}{'wall s':>9}{'final loss':>12}"]
+    lines = [head]
+    for name, values in result.get("objective_overrides", {}).items():
+        lines.append(f"  {name} only (compare.overrides): {' '.join(values)}")
+    lines += [f"{'objective':<12}{'kNN top-1':>16}{'kNN top-5':>16}{'samples/s':>11}{'wall s':>9}{'final loss':>12}"]
     for row in result["rows"]:
         def fmt(key, spec, sd=True):
             value = row.get(key)
@@ -177,7 +205,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=None, help="demo MNIST folder to write/use (default: data/mnist_jpeg "
                         "when the config leaves data.train_dir empty)")
     parser.add_argument("--seeds", type=at_least(1), default=3, help="train.seed, train.seed + 1, ...: mean +- sd over them")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every objective")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every objective (after compare.overrides)")
     args = parser.parse_args(argv)
     objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
     unknown = [o for o in objectives if o not in ALL]

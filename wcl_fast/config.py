@@ -253,6 +253,29 @@ class FinetuneConfig:
 
 
 @dataclass
+class CompareConfig:
+    """Settings of `python -m wcl_fast.compare` (docs/objectives.md).
+
+    overrides: per-objective `key=value` overrides, each written "objective:key=value" (for example
+    "slr:optim.lr_scale=0.15"); they apply to that objective's runs only, after the config file and
+    before the command line's overrides (which apply to every objective).
+    """
+
+    overrides: list[str] = field(default_factory=list)
+
+
+def parse_objective_override(text: str) -> tuple[str, str]:
+    """Split "objective:key=value" into (objective, "key=value"), with one clear error when malformed."""
+    objectives = typing.get_args(typing.get_type_hints(LossConfig)["objective"])
+    name, sep, rest = text.partition(":")
+    name = name.strip()
+    if not sep or "=" not in rest or name not in objectives:
+        raise ConfigError(f"config key 'compare.overrides': '{text}' is not of the form objective:key=value with "
+                          f"objective one of {', '.join(objectives)} (e.g. slr:optim.lr_scale=0.15)")
+    return name, rest.strip()
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -262,6 +285,7 @@ class Config:
     knn: KnnConfig = field(default_factory=KnnConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
 
 def _type_name(tp) -> str:
@@ -454,6 +478,8 @@ def _check_values(cfg: Config) -> None:
     if cfg.loss.objective != "wcl" and cfg.loss.multicrop_rule == "knn":
         raise ConfigError(f"loss.multicrop_rule=knn is a WCL rule; loss.objective={cfg.loss.objective} "
                           f"uses local crops as extra anchors only; set loss.multicrop_rule=inherit")
+    for text in cfg.compare.overrides:
+        parse_objective_override(text)
     if cfg.optim.warmup_epochs > cfg.train.epochs:
         raise ConfigError(f"optim.warmup_epochs ({cfg.optim.warmup_epochs}) exceeds train.epochs ({cfg.train.epochs})")
 
