@@ -142,3 +142,34 @@ def test_links_and_loops_in_the_source_are_named_not_lost(tmp_path, capsys):
     summary = convert(str(src), str(tmp_path / "l.beton"), workers=1)
     assert summary["count"] == 4 and [s["path"] for s in summary["skipped"]] == [str(gone)]
     assert "links back to" in capsys.readouterr().err
+
+
+def test_converter_bench_compares_equal_work_and_reports_both(tmp_path):
+    """pipelines.bench_convert: the plain FFCV writer it times writes the same records, byte for byte, as
+    pipelines.convert with the same settings (so the ratio compares equal work); the command reports both."""
+    from ffcv.reader import Reader
+
+    from pipelines.bench_convert import main, plain_ffcv
+
+    src = _digits(tmp_path / "src", per_class=4)
+    convert(str(src), str(tmp_path / "ours.beton"), 512, 90, "jpg", workers=2, quiet=True)
+    assert plain_ffcv(str(src), str(tmp_path / "plain.beton"), workers=2) == 12
+    blobs, tables = {}, {}
+    for name in ("ours", "plain"):
+        reader = Reader(str(tmp_path / f"{name}.beton"))
+        blob = np.memmap(tmp_path / f"{name}.beton", dtype=np.uint8, mode="r")
+        sizes = {int(row["ptr"]): int(row["size"]) for row in reader.alloc_table}
+        meta = reader.metadata
+        tables[name] = meta["f1"].tolist()
+        blobs[name] = [bytes(blob[int(m["f0"]["data_ptr"]):int(m["f0"]["data_ptr"]) + sizes[int(m["f0"]["data_ptr"])]])
+                       for m in meta]
+    assert tables["ours"] == tables["plain"] == [i // 4 for i in range(12)]
+    assert blobs["ours"] == blobs["plain"] and all(len(b) > 100 for b in blobs["ours"])
+    report = tmp_path / "bench.json"
+    assert main(["--data", str(src), "--repeats", "1", "--workers", "1", "--json", str(report)]) == 0
+    result = json.loads(report.read_text())
+    assert result["count"] == 12 and set(result["rows"]) == {"wcl-fast convert", "FFCV DatasetWriter + ImageFolder"}
+    for row in result["rows"].values():
+        assert len(row["runs_s"]) == 1 and row["images_per_s"] == pytest.approx(12 / row["median_s"])
+    plain_rate = result["rows"]["FFCV DatasetWriter + ImageFolder"]["images_per_s"]
+    assert result["ratio"] == pytest.approx(result["rows"]["wcl-fast convert"]["images_per_s"] / plain_rate)

@@ -119,7 +119,7 @@ def main(argv=None) -> int:
               f"{baseline['count']} held-out digits)")
         for name, result in rows:
             print(f"  {name:<13}{result['top1']:>9.2f}%{result['top5']:>9.2f}%")
-        print(f"  untrained = the same initial weights in eval mode (BatchNorm with its initial running statistics)")
+        print("  untrained = the same initial weights in eval mode (BatchNorm with its initial running statistics)")
         print(f"  trained vs raw pixels {summary['knn_top1'] - pixels['top1']:+.2f} points, vs untrained "
               f"{summary['knn_top1'] - baseline['top1']:+.2f} points")
         print(f"  training: {summary['global_step']} steps in {summary['wall_s']:.0f} s "
