@@ -64,30 +64,31 @@ def run(cfg_path: str, objectives: list[str], overrides: list[str], out: Path, d
     from wcl_fast.plot import plot_runs
     from wcl_fast.train import train
 
-    per_name = objective_overrides(load_config(cfg_path, overrides).compare.overrides)
-    for name, entries in per_name.items():  # before any data is written: a bad key names its entry
-        for values in entries:
-            try:
-                load_config(cfg_path, [*overrides, values])
-            except ConfigError as exc:
-                raise ConfigError(f"compare.overrides entry '{name}:{values}': {exc}") from None
-    extra = []
+    extra = [] if data is None else [f"data.train_dir={Path(data) / 'train'}", f"data.val_dir={Path(data) / 'test'}"]
+    base = load_config(cfg_path, [*extra, *overrides, "knn.at_end=true"])
+    seed_list = [base.train.seed + i for i in range(seeds)]
+    per_name = objective_overrides(base.compare.overrides)
+    # every objective's config is built (and so checked) before any data is written or anything trains,
+    # also for objectives with compare.overrides left out by --objectives; order: the file, then that
+    # objective's compare.overrides, then the command line's overrides
+    configs: dict[str, dict] = {}
+    for name in dict.fromkeys([*objectives, *per_name]):
+        try:
+            configs[name] = {seed: load_config(cfg_path, [*extra, *per_name.get(name, []), *overrides, "knn.at_end=true",
+                                                          f"loss.objective={name}", f"train.seed={seed}",
+                                                          f"train.out_dir={out / name / f'seed{seed}'}",
+                                                          "train.resume=none"])
+                             for seed in seed_list}
+        except ConfigError as exc:
+            if name not in per_name:
+                raise
+            entries = ", ".join(f"{name}:{values}" for values in per_name[name])
+            raise ConfigError(f"compare.overrides entries '{entries}': {exc}") from None
     if data is not None:
         from wcl_fast.demo import write_mnist_imagefolder
 
         write_mnist_imagefolder(data)
-        extra = [f"data.train_dir={Path(data) / 'train'}", f"data.val_dir={Path(data) / 'test'}"]
-    base = load_config(cfg_path, [*extra, *overrides, "knn.at_end=true"])
     check_paths(base)
-    seed_list = [base.train.seed + i for i in range(seeds)]
-    # every objective's config is built (and so checked) before anything trains; order: the file, then
-    # that objective's compare.overrides, then the command line's overrides
-    configs: dict[str, dict] = {}
-    for name in objectives:
-        configs[name] = {seed: load_config(cfg_path, [*extra, *per_name.get(name, []), *overrides, "knn.at_end=true",
-                                                      f"loss.objective={name}", f"train.seed={seed}",
-                                                      f"train.out_dir={out / name / f'seed{seed}'}", "train.resume=none"])
-                         for seed in seed_list}
     ctx = wdist.init_distributed()
     per_objective: dict[str, list[dict]] = {"untrained": []}
     for seed in seed_list:  # the floor: each seed's initial weights, eval-mode BN (initial statistics)
