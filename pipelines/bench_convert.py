@@ -1,15 +1,17 @@
 """Converter benchmark: `pipelines.convert` against a plain FFCV `DatasetWriter` over torchvision's
 `ImageFolder` (the ffcv-imagenet way), side by side on the same folder, settings and workers.
 
-    python -m pipelines.bench_convert [--data DIR|photos] [--workers 2] [--repeats 3] [--json out.json]
+    python -m pipelines.bench_convert [--data DIR|photos] [--count 2048] [--workers 2] [--repeats 3] [--json out.json]
 
 Both write jpg records with the longest side capped at 512 and JPEG quality 90. After one untimed run
 of each (imports, page cache), the two run `--repeats` times in alternating order (A B, B A, ...), so
-neither always goes first; the table gives each one's median images/s and the ratio. wcl-fast's
-converter does a little more around the same per-image work (FFCV's encoder over images decoded
-once): the source scan with its report, the resize with every side >= 1 px, the watched writer
-workers, the atomic rename and the sidecar JSON. Without --data it uses the loader bench's 256
-synthetic 500 x 375 JPEGs.
+neither always goes first; the table gives each one's median images/s and the ratio. Both write the
+same bytes (tested): FFCV's encoder over images decoded once. wcl-fast decodes a complete
+three-channel JPEG with OpenCV instead of PIL (the same pixels, less work per image: see
+pipelines.images.decode_rgb_array) and does a little more once per conversion: the source scan with
+its report, the watched writer workers, the atomic rename and the sidecar JSON. Without --data it
+writes --count synthetic 500 x 375 JPEGs (--data photos: crops of real photographs); at a few hundred
+images the writer's start-up, the same for both, is most of the time.
 """
 from __future__ import annotations
 
@@ -55,15 +57,18 @@ def _main(argv=None) -> int:
 
     parser = ArgumentParser(prog="python -m pipelines.bench_convert", description=__doc__.split("\n")[0])
     parser.add_argument("--data", default=None, help="ImageFolder, or 'photos' (default: synthetic JPEGs)")
+    parser.add_argument("--count", type=at_least(1), default=2048, help="images of the built-in sets (without --data "
+                        "or with --data photos)")
     parser.add_argument("--workers", type=at_least(1), default=2)
     parser.add_argument("--repeats", type=at_least(1), default=3)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     output_file("--json", args.json)
+    suffix = "" if args.count == 256 else f"_{args.count}"  # 256: the loader bench's sets
     if args.data is None:
-        src = write_bench_images(Path("data") / "bench_jpeg")
+        src = write_bench_images(Path("data") / f"bench_jpeg{suffix}", count=args.count)
     elif args.data == "photos":
-        src = write_photo_images(Path("data") / "bench_photos")
+        src = write_photo_images(Path("data") / f"bench_photos{suffix}", count=args.count)
     else:
         src = Path(args.data)
     ours, plain = "wcl-fast convert", "FFCV DatasetWriter + ImageFolder"

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.images import IMAGE_EXTENSIONS, load_rgb, scan_class_folder
+from pipelines.images import IMAGE_EXTENSIONS, decode_rgb_array, load_rgb, scan_class_folder
 from wcl_fast.config import ConfigError
 
 
@@ -100,7 +100,7 @@ class _Records:
             self.current[_SLOT] = i
         path, label = self.samples[i]
         try:
-            decoded = np.asarray(load_rgb(path))
+            decoded = decode_rgb_array(path)
         except Exception:  # an unreadable file: a 1 x 1 placeholder now; convert() writes again without it
             self.unreadable[i] = 1
             decoded = np.zeros((1, 1, 3), dtype=np.uint8)

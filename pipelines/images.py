@@ -3,6 +3,7 @@ are skipped by name) and decoding to RGB (or one-channel gray, exactly equivalen
 with unreadable files replaced (training) or left out (evaluation) and counted."""
 from __future__ import annotations
 
+import io
 import os
 import sys
 from pathlib import Path
@@ -85,6 +86,32 @@ def load_rgb(path, draft: tuple[int, int] | None = None, keep_gray: bool = False
         if keep_gray and img.mode == "L":
             return img.copy()  # detached from the file (the context closes it)
         return img.convert("RGB")
+
+
+def decode_rgb_array(path) -> np.ndarray:
+    """`load_rgb(path)` as an RGB uint8 array [H, W, 3] (the converter's decoder), faster for the common file:
+    a complete three-channel JPEG (PIL opens it as "RGB" and it ends with its EOI marker) is decoded by
+    OpenCV straight into an array. Both PIL and OpenCV decode with libjpeg-turbo's defaults (accurate
+    integer IDCT, smooth chroma upsampling), so the pixels are the same (tested on 4:4:4 / 4:2:2 / 4:2:0,
+    progressive and odd sizes); OpenCV is told to ignore EXIF orientation, as PIL does. This skips PIL's
+    image object and its two copies (RGB conversion, array export), about a third of the decode time.
+    Every other file (CMYK, grayscale, palette, PNG, a truncated or padded JPEG, one OpenCV refuses) goes
+    through `load_rgb`, so what fails there fails the same way."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:3] == b"\xff\xd8\xff" and data[-2:] == b"\xff\xd9":
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                size = img.size if img.format == "JPEG" and img.mode == "RGB" else None
+        except Exception:
+            size = None
+        if size is not None:
+            import cv2
+
+            bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+            if bgr is not None and bgr.shape == (size[1], size[0], 3):
+                return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return np.asarray(load_rgb(io.BytesIO(data)))
 
 
 def load_rgb_or_gray(path) -> Image.Image:

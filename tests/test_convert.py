@@ -144,6 +144,50 @@ def test_links_and_loops_in_the_source_are_named_not_lost(tmp_path, capsys):
     assert "links back to" in capsys.readouterr().err
 
 
+def _photos(root: Path, classes=2) -> Path:
+    """Smooth RGB JPEGs as cameras and ImageNet store them: 4:2:0, 4:2:2, 4:4:4, progressive, odd sizes."""
+    import cv2
+
+    base = cv2.GaussianBlur(np.random.default_rng(1).integers(0, 256, (120, 150, 3), dtype=np.uint8), (7, 7), 2)
+    variants = [dict(subsampling="4:2:0"), dict(subsampling="4:2:2"), dict(subsampling="4:4:4"),
+                dict(subsampling="4:2:0", progressive=True), dict(subsampling="4:2:0", quality=60)]
+    sizes = [(150, 120), (149, 97), (33, 17), (1, 1), (120, 150)]
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True)
+        for i, (options, (w, h)) in enumerate(zip(variants, sizes)):
+            image = Image.fromarray(np.ascontiguousarray(np.roll(base, 7 * c + i, axis=1)[:h, :w]))
+            image.save(root / f"c{c}" / f"{i}.jpg", "JPEG", **{"quality": 90, **options})
+    return root
+
+
+def test_converter_decoder_gives_pils_pixels_and_pils_failures(tmp_path):
+    """decode_rgb_array (OpenCV for complete three-channel JPEGs, else PIL) equals load_rgb pixel for pixel on
+    every JPEG variant, EXIF-rotated, padded and odd files, and fails where load_rgb fails."""
+    from pipelines.images import decode_rgb_array, load_rgb
+
+    files = sorted(_photos(tmp_path / "photos").rglob("*.jpg"))
+    odd = write_odd_images(tmp_path / "odd", ["cmyk.jpg", "gray.jpg", "palette.png", "alpha.png", "png_as.jpg",
+                                             "tiny.jpg", "thin.jpg", "ok.jpg"])
+    files += sorted(odd.iterdir())
+    rotated = Image.open(files[0]).crop((0, 0, 97, 97))  # square: a rotation keeps the shape
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90; neither decoder applies it
+    rotated.save(tmp_path / "rotated.jpg", exif=exif.tobytes())
+    (tmp_path / "padded.jpg").write_bytes(files[0].read_bytes() + b"\0" * 16)  # bytes after EOI: the PIL path
+    files += [tmp_path / "rotated.jpg", tmp_path / "padded.jpg"]
+    for path in files:
+        expected = np.asarray(load_rgb(path))
+        got = decode_rgb_array(path)
+        assert got.dtype == np.uint8 and got.shape == expected.shape and got.flags.c_contiguous, path
+        assert np.array_equal(got, expected), path
+    bad = write_odd_images(tmp_path / "bad", ["truncated.jpg", "garbage.jpg"])
+    for path in sorted(bad.iterdir()):
+        with pytest.raises(Exception) as pil_error:
+            load_rgb(path)
+        with pytest.raises(type(pil_error.value)):
+            decode_rgb_array(path)
+
+
 def test_converter_bench_compares_equal_work_and_reports_both(tmp_path):
     """pipelines.bench_convert: the plain FFCV writer it times writes the same records, byte for byte, as
     pipelines.convert with the same settings (so the ratio compares equal work); the command reports both."""
@@ -152,8 +196,9 @@ def test_converter_bench_compares_equal_work_and_reports_both(tmp_path):
     from pipelines.bench_convert import main, plain_ffcv
 
     src = _digits(tmp_path / "src", per_class=4)
+    _photos(src, classes=2)  # + classes c0, c1 of RGB JPEGs: the OpenCV decode path
     convert(str(src), str(tmp_path / "ours.beton"), 512, 90, "jpg", workers=2, quiet=True)
-    assert plain_ffcv(str(src), str(tmp_path / "plain.beton"), workers=2) == 12
+    assert plain_ffcv(str(src), str(tmp_path / "plain.beton"), workers=2) == 22
     blobs, tables = {}, {}
     for name in ("ours", "plain"):
         reader = Reader(str(tmp_path / f"{name}.beton"))
@@ -163,13 +208,13 @@ def test_converter_bench_compares_equal_work_and_reports_both(tmp_path):
         tables[name] = meta["f1"].tolist()
         blobs[name] = [bytes(blob[int(m["f0"]["data_ptr"]):int(m["f0"]["data_ptr"]) + sizes[int(m["f0"]["data_ptr"])]])
                        for m in meta]
-    assert tables["ours"] == tables["plain"] == [i // 4 for i in range(12)]
+    assert tables["ours"] == tables["plain"] == [i // 4 for i in range(12)] + [3] * 5 + [4] * 5
     assert blobs["ours"] == blobs["plain"] and all(len(b) > 100 for b in blobs["ours"])
     report = tmp_path / "bench.json"
     assert main(["--data", str(src), "--repeats", "1", "--workers", "1", "--json", str(report)]) == 0
     result = json.loads(report.read_text())
-    assert result["count"] == 12 and set(result["rows"]) == {"wcl-fast convert", "FFCV DatasetWriter + ImageFolder"}
+    assert result["count"] == 22 and set(result["rows"]) == {"wcl-fast convert", "FFCV DatasetWriter + ImageFolder"}
     for row in result["rows"].values():
-        assert len(row["runs_s"]) == 1 and row["images_per_s"] == pytest.approx(12 / row["median_s"])
+        assert len(row["runs_s"]) == 1 and row["images_per_s"] == pytest.approx(22 / row["median_s"])
     plain_rate = result["rows"]["FFCV DatasetWriter + ImageFolder"]["images_per_s"]
     assert result["ratio"] == pytest.approx(result["rows"]["wcl-fast convert"]["images_per_s"] / plain_rate)

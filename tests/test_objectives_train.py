@@ -138,7 +138,10 @@ def test_compare_prints_table_json_and_chart(tmp_path, capsys):
         for seed in (0, 1):
             saved = yaml.safe_load((out / name / f"seed{seed}" / "config.yaml").read_text())
             assert (saved["optim"]["lr_scale"], saved["loss"]["slr"]["lam"]) == (lr_scale, lam), (name, seed)
-    assert "slr only (compare.overrides): optim.lr_scale=0.5 loss.slr.lam=0.25" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "slr only (compare.overrides): optim.lr_scale=0.5 loss.slr.lam=0.25" in printed
+    assert "[compare] slr seed 1: kNN top-1" in printed and "6 of 6 runs done" in printed
+    assert "whole comparison: " in printed and result["wall_s"] > 0
     assert [r["objective"] for r in result["rows"]] == ["untrained", "simclr", "wcl", "slr"]
     assert result["knn"]["count"] == 10 and result["seeds"] == [0, 1]
     for row in result["rows"]:

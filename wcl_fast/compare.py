@@ -56,6 +56,11 @@ def objective_overrides(entries: list[str]) -> dict[str, list[str]]:
     return grouped
 
 
+def _elapsed(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s"
+
+
 def run(cfg_path: str, objectives: list[str], overrides: list[str], out: Path, data: str | None, seeds: int = 3) -> dict:
     from wcl_fast import dist as wdist
     from wcl_fast.config import ConfigError, check_paths, load_config
@@ -64,6 +69,7 @@ def run(cfg_path: str, objectives: list[str], overrides: list[str], out: Path, d
     from wcl_fast.plot import plot_runs
     from wcl_fast.train import train
 
+    started = time.perf_counter()
     extra = [] if data is None else [f"data.train_dir={Path(data) / 'train'}", f"data.val_dir={Path(data) / 'test'}"]
     base = load_config(cfg_path, [*extra, *overrides, "knn.at_end=true"])
     seed_list = [base.train.seed + i for i in range(seeds)]
@@ -101,17 +107,22 @@ def run(cfg_path: str, objectives: list[str], overrides: list[str], out: Path, d
         for seed in seed_list:
             start = time.perf_counter()
             summary = train(configs[name][seed], ctx)
+            wall_s = time.perf_counter() - start
             per_objective[name].append({"seed": seed, "knn_top1": summary["knn_top1"], "knn_top5": summary["knn_top5"],
-                                        "samples_per_s": summary["mean_samples_per_s"],
-                                        "wall_s": time.perf_counter() - start, "loss": summary.get("loss")})
+                                        "samples_per_s": summary["mean_samples_per_s"], "wall_s": wall_s,
+                                        "loss": summary.get("loss")})
             if ctx.is_main:
-                print(f"[compare] {name} seed {seed}: kNN top-1 {summary['knn_top1']:.2f}%", flush=True)
+                done = sum(map(len, per_objective.values())) - len(seed_list)  # trained runs (not the floor)
+                print(f"[compare] {name} seed {seed}: kNN top-1 {summary['knn_top1']:.2f}% ({wall_s:.0f} s, "
+                      f"{summary['mean_samples_per_s']:.0f} samples/s; {done} of {len(objectives) * len(seed_list)} "
+                      f"runs done, {_elapsed(time.perf_counter() - started)} elapsed)", flush=True)
     rows = [summarise(name, runs) for name, runs in per_objective.items()]
     result = {"config": str(cfg_path), "overrides": overrides,
               "objective_overrides": {name: per_name[name] for name in objectives if name in per_name}, "epochs": base.train.epochs,
               "batch_size": base.data.batch_size, "arch": base.model.arch, "seeds": seed_list, "tau": base.loss.tau,
               "knn": {"k": base.knn.k, "temperature": base.knn.temperature, "count": floor["count"]},
-              "device": str(ctx.device), "world_size": ctx.world_size, "rows": rows}
+              "device": str(ctx.device), "world_size": ctx.world_size, "threads": torch.get_num_threads(),
+              "wall_s": time.perf_counter() - started, "rows": rows}
     result["verdict"] = verdict(result)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -161,6 +172,8 @@ def format_table(result: dict) -> str:
         lines.append(f"{row['objective']:<12}{fmt('knn_top1', '.2f'):>16}{fmt('knn_top5', '.2f'):>16}"
                      f"{fmt('samples_per_s', '.1f', False):>11}{fmt('wall_s', '.0f', False):>9}"
                      f"{fmt('loss', '.4f', False):>12}")
+    if result.get("wall_s") is not None:
+        lines.append(f"whole comparison: {_elapsed(result['wall_s'])} ({result['device']}, {result['threads']} threads)")
     return "\n".join(lines)
 
 
