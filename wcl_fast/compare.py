@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from wcl_fast.cli import ArgumentParser, at_least, command
+from wcl_fast.log import format_duration
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "configs" / "cpu_compare.yaml"
@@ -54,11 +55,6 @@ def objective_overrides(entries: list[str]) -> dict[str, list[str]]:
         name, override = parse_objective_override(text)
         grouped.setdefault(name, []).append(override)
     return grouped
-
-
-def _elapsed(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"{minutes}m{secs:02d}s"
 
 
 def run(cfg_path: str, objectives: list[str], overrides: list[str], out: Path, data: str | None, seeds: int = 3) -> dict:
@@ -115,7 +111,7 @@ def run(cfg_path: str, objectives: list[str], overrides: list[str], out: Path, d
                 done = sum(map(len, per_objective.values())) - len(seed_list)  # trained runs (not the floor)
                 print(f"[compare] {name} seed {seed}: kNN top-1 {summary['knn_top1']:.2f}% ({wall_s:.0f} s, "
                       f"{summary['mean_samples_per_s']:.0f} samples/s; {done} of {len(objectives) * len(seed_list)} "
-                      f"runs done, {_elapsed(time.perf_counter() - started)} elapsed)", flush=True)
+                      f"runs done, {format_duration(time.perf_counter() - started)} elapsed)", flush=True)
     rows = [summarise(name, runs) for name, runs in per_objective.items()]
     result = {"config": str(cfg_path), "overrides": overrides,
               "objective_overrides": {name: per_name[name] for name in objectives if name in per_name}, "epochs": base.train.epochs,
@@ -173,7 +169,7 @@ def format_table(result: dict) -> str:
                      f"{fmt('samples_per_s', '.1f', False):>11}{fmt('wall_s', '.0f', False):>9}"
                      f"{fmt('loss', '.4f', False):>12}")
     if result.get("wall_s") is not None:
-        lines.append(f"whole comparison: {_elapsed(result['wall_s'])} ({result['device']}, {result['threads']} threads)")
+        lines.append(f"whole comparison: {format_duration(result['wall_s'])} ({result['device']}, {result['threads']} threads)")
     return "\n".join(lines)
 
 
