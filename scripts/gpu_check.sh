@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# One-call GPU check: GPU tests, the step bench, the kernel bench and (where DALI is
-# installed) the loader bench; results and one JSON report under ${OUT:-gpu_check_out}. Budget: < 8 min.
+# One-call GPU check, under 10 minutes: first the headline config at its paper batch (512 images per GPU,
+# 2 x 224 + 6 x 96 crops) under the auto activation-checkpointing plan, no checkpointing and full
+# checkpointing, its measured peak (torch.cuda.max_memory_allocated) beside the plan's traced estimate, or
+# OOM (docs/memory.md); then the GPU tests, the kernel bench and the step benches.
 # Usage on a CUDA machine from the repository root: bash scripts/gpu_check.sh
+# Writes at most 5 files under ${OUT:-gpu_check_out}: env.txt (versions, return codes), headline.txt,
+# tests.txt, benches.txt and report.json (every bench's JSON).
 set -uo pipefail
 OUT="${OUT:-gpu_check_out}"
 mkdir -p "$OUT"
+JSON="$(mktemp -d)"
 PY="${PYTHON:-python3}"
 # compiled Triton kernels kept in the (ignored) checkout: a rerun on a still-warm machine skips compilation
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/.triton_cache}"
@@ -17,42 +22,37 @@ export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/.triton_cache}"
 if ! "$PY" -c 'import nvidia.dali' 2>/dev/null && [ -f wheels/dali/manifest ]; then
   timeout 120 bash scripts/dali_wheels.sh install 2>&1 | tail -3 | tee -a "$OUT/env.txt" || true
 fi
-# Worst case of all timeouts: 130 + 150 + 3 x 65 + 75 = 550 s, inside one 600 s device call (plus up to
-# 120 s on the call that installs DALI: give that call the longer limit). Every step writes its own file
-# under $OUT, so a cut run still returns what it measured.
-# GPU-relevant tests (the ones needing mlxtend/tensorboard are CPU-machine tests)
-timeout 130 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_triton_kernel.py \
-    tests/test_objective.py tests/test_related_objectives.py "tests/test_train.py::test_training_step_has_no_host_sync_on_cuda" \
-    "tests/test_train.py::test_objective_steps_have_no_host_sync_on_cuda" \
-    tests/test_optim.py tests/test_loader_choice.py $("$PY" -c 'import nvidia.dali' 2>/dev/null && echo tests/test_dali.py) 2>&1 | tee "$OUT/tests.txt"
+# Worst case of all timeouts: 170 + 130 + 100 + 2 x 60 = 520 s (plus up to 120 s on a call that installs DALI).
+# 1. The headline config at 512 per GPU: auto's plan for this card, then full checkpointing, then none
+#    (expected not to fit an 80 GB card: its OOM is recorded, not fatal)
+timeout 170 "$PY" -m wcl_fast.bench_step --config configs/imagenet_wcl_multicrop_200ep.yaml data.batch_size=512 \
+    --plans "auto|all|none" --steps 3 --warmup 1 --rounds 1 --json "$JSON/headline_512.json" 2>&1 | tee "$OUT/headline.txt"
+headline_rc=${PIPESTATUS[0]}
+# 2. GPU tests, the no-host-sync checks first
+timeout 130 "$PY" -m pytest -q -p no:cacheprovider "tests/test_train.py::test_training_step_has_no_host_sync_on_cuda" \
+    "tests/test_train.py::test_objective_steps_have_no_host_sync_on_cuda" tests/test_kernels.py tests/test_triton_kernel.py \
+    tests/test_objective.py tests/test_related_objectives.py tests/test_optim.py tests/test_checkpointing.py \
+    $("$PY" -c 'import nvidia.dali' 2>/dev/null && echo tests/test_dali.py) 2>&1 | tee "$OUT/tests.txt"
 tests_rc=${PIPESTATUS[0]}
-timeout 150 "$PY" -m kernels.bench --json "$OUT/kernels_bench.json" 2>&1 | tee "$OUT/kernels_bench.txt"
+# 3. Benches (tables appended to benches.txt, JSON merged into report.json)
+timeout 100 "$PY" -m kernels.bench --json "$JSON/kernels_bench.json" 2>&1 | tee "$OUT/benches.txt"
 bench_rc=${PIPESTATUS[0]}
-step_rc=0
-# the headline config: the paper's KNN multi-crop rule (crops' 1-NN and head-2 logits from one pass of the
-# fused Triton kernel), at 128 and 256 per GPU; then the inherit rule at 256 for comparison
-for batch in 128 256; do
-  timeout 65 "$PY" -m wcl_fast.bench_step --config configs/imagenet_wcl_multicrop_200ep.yaml --steps 10 --warmup 3 \
-      --json "$OUT/step_bench_knn_$batch.json" data.batch_size=$batch 2>&1 | tee "$OUT/step_bench_knn_$batch.txt"
-  step_rc=$(( step_rc || PIPESTATUS[0] ))
-done
-timeout 65 "$PY" -m wcl_fast.bench_step --config configs/imagenet_wcl_multicrop_inherit_200ep.yaml --steps 10 --warmup 3 \
-    --json "$OUT/step_bench_inherit_256.json" data.batch_size=256 2>&1 | tee "$OUT/step_bench_inherit_256.txt"
+timeout 60 "$PY" -m wcl_fast.bench_step --config configs/imagenet_wcl_multicrop_200ep.yaml --steps 10 --warmup 3 \
+    --json "$JSON/step_bench_knn_256.json" data.batch_size=256 2>&1 | tee -a "$OUT/benches.txt"
+step_rc=${PIPESTATUS[0]}
+timeout 60 "$PY" -m wcl_fast.bench_step --config configs/imagenet_wcl_multicrop_inherit_200ep.yaml --steps 10 --warmup 3 \
+    --json "$JSON/step_bench_inherit_256.json" data.batch_size=256 2>&1 | tee -a "$OUT/benches.txt"
 step_rc=$(( step_rc || PIPESTATUS[0] ))
-loader_rc=0
-if "$PY" -c 'import nvidia.dali' 2>/dev/null; then
-  timeout 75 "$PY" -m pipelines.bench --backend reference,auto,dali --batch 128 --batches 8 --workers 16 --json "$OUT/loader_bench.json" 2>&1 | tee "$OUT/loader_bench.txt"
-  loader_rc=${PIPESTATUS[0]}
-fi
-"$PY" - "$OUT" <<'PYEOF'
+rcs="headline rc=$headline_rc tests rc=$tests_rc kernels rc=$bench_rc step rc=$step_rc"
+echo "$rcs" | tee -a "$OUT/env.txt"
+"$PY" - "$OUT" "$JSON" "$rcs" <<'PYEOF'
 import json, pathlib, sys
-out = pathlib.Path(sys.argv[1])
-report = {"env": (out / "env.txt").read_text()}
-for path in sorted(out.glob("*.json")):
-    if path.name != "report.json":
-        report[path.stem] = json.loads(path.read_text())
+out, parts = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+report = {"env": (out / "env.txt").read_text(), "return_codes": sys.argv[3]}
+for path in sorted(parts.glob("*.json")):
+    report[path.stem] = json.loads(path.read_text())
 (out / "report.json").write_text(json.dumps(report, indent=2))
 print("wrote", out / "report.json")
 PYEOF
-echo "tests rc=$tests_rc kernels rc=$bench_rc step rc=$step_rc loader rc=$loader_rc" | tee -a "$OUT/env.txt"
-exit $(( tests_rc != 0 || bench_rc != 0 || step_rc != 0 || loader_rc != 0 ))
+rm -rf "$JSON"
+exit $(( headline_rc != 0 || tests_rc != 0 || bench_rc != 0 || step_rc != 0 ))

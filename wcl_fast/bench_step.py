@@ -2,6 +2,7 @@
 
     python -m wcl_fast.bench_step --config configs/imagenet_wcl_multicrop_200ep.yaml data.batch_size=256 [key=value ...]
         [--steps 20] [--warmup 5] [--rounds 2] [--json out.json] [--scaling 1.0]
+        [--plans "none|auto|layer1,layer2|all"] [--gpu-memory GiB]
 
 data.batch_size is the batch of this one device. Side by side in one run (alternating rounds, best
 round of each): (a) encoder forward + backward of the 2 global + L local crops (one pass per
@@ -13,6 +14,12 @@ about one kernel each, so (b) - (a) times a few microseconds is the launch-bound
 overhead at small batches), achieved TFLOP/s and MFU on known GPUs, and a PROJECTED 8-GPU ImageNet epoch
 (1,281,167 images / (samples/s x 8 x --scaling)); --scaling is the measured multi-GPU efficiency
 (1.0 = perfect, an assumption unless you measured it). Table + JSON.
+
+--plans (activation checkpointing, docs/memory.md §2): the full step under each plan ('|'-separated specs of
+model.activation_checkpointing; auto = the plan chosen for --gpu-memory, else the device's memory), timed
+in alternating rounds on the same model and reported as a ratio to no checkpointing (else the first plan), with
+each plan's recomputed share of the FLOPs, its traced peak (wcl_fast.memory, this process's shapes) and,
+on CUDA, the measured torch.cuda.max_memory_allocated beside it, or 'OOM'.
 """
 from __future__ import annotations
 
@@ -154,6 +161,109 @@ def run(cfg, steps: int, warmup: int, rounds: int, scaling: float) -> dict:
     return result
 
 
+def run_plans(cfg, texts: list[str], steps: int, warmup: int, rounds: int, gpu_memory: float | None) -> dict:
+    """The full step under each activation-checkpointing plan, side by side (see the module docstring)."""
+    from pipelines.batch import MultiCropBatch
+    from wcl_fast import dist as wdist
+    from wcl_fast import objectives
+    from wcl_fast import plan as wplan
+    from wcl_fast.config import ConfigError, parse_checkpointing
+    from wcl_fast.memory import GiB, trace_step
+    from wcl_fast.model import build_model
+    from wcl_fast.optim import build_optimizer
+    from wcl_fast.runtime import autocast_dtype, memory_format
+    from wcl_fast.train import train_step
+
+    ctx = wdist.init_distributed()
+    device = ctx.device
+    b = cfg.data.batch_size
+    budget = int((gpu_memory or 0) * GiB)
+    if not budget and device.type == "cuda":
+        budget = torch.cuda.get_device_properties(device).total_memory
+    plans = []
+    for text in texts:
+        if text == "auto":
+            if not budget:
+                raise ConfigError("--plans auto needs --gpu-memory on a machine without CUDA")
+            plans.append(("auto", wplan.choose_plan(cfg, 1, budget).checkpointing))
+        else:
+            plans.append((text, parse_checkpointing(text, cfg.model.arch)))
+    torch.manual_seed(cfg.train.seed)
+    fmt = memory_format(cfg.model.channels_last)
+    model = build_model(cfg.model, two_heads=objectives.two_heads(cfg)).to(device, memory_format=fmt)
+    optimizer = build_optimizer(model, cfg.optim, skip_nonfinite=cfg.train.max_bad_steps > 0)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.1
+    autocast = objectives.autocast_factory(device, autocast_dtype(cfg.train.precision))
+    globals_ = torch.randn(2 * b, 3, cfg.data.global_size, cfg.data.global_size, device=device).contiguous(memory_format=fmt)
+    locals_ = None
+    if cfg.data.local_crops:
+        locals_ = torch.randn(cfg.data.local_crops * b, 3, cfg.data.local_size, cfg.data.local_size,
+                              device=device).contiguous(memory_format=fmt)
+    batch = MultiCropBatch(globals_, locals_, torch.arange(b, device=device), torch.zeros(b, dtype=torch.int64, device=device))
+    objective = objectives.build_objective(cfg, model, ctx, max(b, cfg.loss.clinfonce.kmeans_k))
+    if cfg.loss.objective == "clinfonce" and getattr(objective, "table", None) is None:
+        objective.table = torch.randint(0, min(cfg.loss.clinfonce.kmeans_k, b), (max(b, cfg.loss.clinfonce.kmeans_k),), device=device)
+    counter = {"step": 0}
+
+    def step():
+        train_step(objective, model, batch, counter["step"], 10_000, autocast, optimizer)
+        counter["step"] += 1
+
+    times = {name: [] for name, _ in plans}
+    peaks, oom = {}, set()
+    for round_ in range(rounds + 1):  # round 0 is the warm-up
+        for name, plan in plans:
+            if name in oom:
+                continue
+            model.set_checkpointing(plan)
+            try:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                if round_ == 0:
+                    for _ in range(warmup):
+                        step()
+                else:
+                    times[name].append(_timed(step, steps, device))
+                if device.type == "cuda":
+                    peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated(device))
+            except torch.cuda.OutOfMemoryError:
+                oom.add(name)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    rows = []
+    plain = trace_step(cfg, 1)
+    measured = {name: min(times[name]) for name, _ in plans if times[name] and name not in oom}
+    # ratios to no checkpointing when that plan ran, else to the first plan that did
+    empty = [name for name, plan in plans if not any(plan.values()) and name in measured]
+    base = measured[empty[0]] if empty else next((measured[name] for name, _ in plans if name in measured), None)
+    for name, plan in plans:
+        traced = trace_step(cfg, 1, plan) if any(plan.values()) else plain
+        seconds = measured.get(name)
+        rows.append({"plan": name, "checkpointing": wplan.format_checkpointing(plan, cfg.model.arch),
+                     "s_per_step": seconds, "ratio": seconds / base if seconds and base else None,
+                     "recompute_share": traced.step_flops / plain.step_flops - 1, "traced_peak_gib": traced.peak / GiB,
+                     "measured_peak_gib": peaks[name] / GiB if name in peaks and name not in oom else None,
+                     "oom": name in oom})
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    return {"device": name, "objective": cfg.loss.objective, "batch_per_device": b, "precision": cfg.train.precision,
+            "crops": f"2x{cfg.data.global_size}" + (f" + {cfg.data.local_crops}x{cfg.data.local_size}" if cfg.data.local_crops else ""),
+            "arch": cfg.model.arch, "steps": steps, "rounds": rounds, "plans": rows, "date": time.strftime("%Y-%m-%d")}
+
+
+def format_plans(r: dict) -> str:
+    lines = [f"checkpointing plans: {r['arch']} {r['objective']}, {r['crops']} crops, batch {r['batch_per_device']} per device, "
+             f"{r['precision']}, {r['device']} (alternating rounds, best of {r['rounds']})",
+             f"{'plan':<14}{'ms/step':>10}{'ratio':>8}{'recompute':>11}{'traced GiB':>12}{'measured GiB':>14}  checkpointing"]
+    for row in r["plans"]:
+        ms = f"{1e3 * row['s_per_step']:.1f}" if row["s_per_step"] else ("OOM" if row["oom"] else "-")
+        ratio = f"{row['ratio']:.3f}" if row["ratio"] else "-"
+        measured = f"{row['measured_peak_gib']:.2f}" if row["measured_peak_gib"] is not None else "-"
+        lines.append(f"{row['plan'][:13]:<14}{ms:>10}{ratio:>8}{100 * row['recompute_share']:>10.1f}%"
+                     f"{row['traced_peak_gib']:>12.2f}{measured:>14}  {row['checkpointing']}")
+    return "\n".join(lines)
+
+
 def format_table(r: dict) -> str:
     lines = [f"step bench: {r['arch']} {r['objective']}, {r['crops']} crops, batch {r['batch_per_device']} per device, "
              f"{r['precision']}, {r['device']}",
@@ -183,12 +293,23 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=at_least(1), default=2)
     parser.add_argument("--scaling", type=at_least(0.0, float), default=1.0, help="multi-GPU efficiency used by the projection")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--plans", default=None,
+                        help="'|'-separated activation-checkpointing plans to time against each other (e.g. 'none|auto|all')")
+    parser.add_argument("--gpu-memory", type=at_least(0.0, float), default=None, help="GiB the 'auto' plan is chosen for")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     output_file("--json", args.json)
     cfg = load_config(args.config, args.overrides)
     if not 0 < args.scaling <= 1:
         raise ConfigError(f"--scaling: the multi-GPU efficiency must be in (0, 1], got {args.scaling}")
+    if args.plans:
+        result = run_plans(cfg, [p.strip() for p in args.plans.split("|")], args.steps, args.warmup, args.rounds,
+                           args.gpu_memory)
+        print(format_plans(result))
+        print(json.dumps(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return 0
     result = run(cfg, args.steps, args.warmup, args.rounds, args.scaling)
     print(format_table(result))
     print(json.dumps(result))

@@ -111,6 +111,113 @@ class ModelConfig:
     channels_last: bool = True
     # torch.compile of the encoder (nn.Module.compile: state-dict keys unchanged); '' = eager
     compile: Literal["", "default", "reduce-overhead", "max-autotune"] = ""
+    # activation checkpointing of encoder segments (recomputed in the backward pass, exact: the same
+    # losses, gradients and BatchNorm statistics; docs/memory.md §2).
+    # none | auto (the trainer picks a plan) | a spec: parts separated by ';', each [global:|local:]items
+    # (no prefix: both resolutions), items comma-separated: stem, layerN (each block of stage N),
+    # layerN.K (block K of stage N), all (stem + every block). E.g. "layer1,layer2" or
+    # "global:all;local:stem,layer1.0". See parse_checkpointing.
+    activation_checkpointing: str = "none"
+
+
+# Blocks of each ResNet stage (He et al. 2016, Table 1); model.widths changes widths, never these counts.
+BLOCKS_PER_STAGE = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3), "resnet50": (3, 4, 6, 3)}
+_CHECKPOINTING_KEY = "config key 'model.activation_checkpointing'"
+_RESOLUTIONS = ("global", "local")
+_WHITESPACE = re.compile(r"\s+")
+_LAYER_ITEM = re.compile(r"layer([0-9]+)(?:\.([0-9]+))?")
+
+
+def checkpoint_segments(arch: str) -> list[str]:
+    """The checkpointable segments of the encoder in forward order: 'stem' (conv1 + bn1 + relu +
+    maxpool), then 'layerN.K' for every block K of every stage N."""
+    return ["stem"] + [f"layer{n}.{k}" for n, blocks in enumerate(BLOCKS_PER_STAGE[arch], 1) for k in range(blocks)]
+
+
+def _checkpointing_forms(arch: str) -> str:
+    blocks = ", ".join(map(str, BLOCKS_PER_STAGE[arch]))
+    return (f"use stem, layer1..layer4, layerN.K (K < blocks of stage N; {arch}: {blocks}) or all, comma-separated, "
+            f"optionally after global: or local:, parts separated by ; (or the whole value none / auto)")
+
+
+def _checkpointing_item(item: str, arch: str, text: str) -> list[str]:
+    if item == "all":
+        return checkpoint_segments(arch)
+    if item == "stem":
+        return ["stem"]
+    blocks = BLOCKS_PER_STAGE[arch]
+    match = _LAYER_ITEM.fullmatch(item)
+    if match is None or not 1 <= int(match.group(1)) <= len(blocks):
+        what = "an empty item" if not item else f"{item} is not a segment of {arch}"
+        raise ConfigError(f"{_CHECKPOINTING_KEY}: {what} in {text!r}; {_checkpointing_forms(arch)}")
+    stage = int(match.group(1))
+    if match.group(2) is None:
+        return [f"layer{stage}.{k}" for k in range(blocks[stage - 1])]
+    block = int(match.group(2))
+    if block >= blocks[stage - 1]:
+        raise ConfigError(f"{_CHECKPOINTING_KEY}: {item} is not a segment of {arch} (layer{stage} has blocks "
+                          f"0..{blocks[stage - 1] - 1}) in {text!r}; {_checkpointing_forms(arch)}")
+    return [f"layer{stage}.{block}"]
+
+
+def parse_checkpointing(text: str, arch: str) -> dict[str, frozenset[str]]:
+    """Parse a model.activation_checkpointing spec into {'global': segments, 'local': segments}, the
+    names of checkpoint_segments(arch) whose activations are recomputed in the backward pass of that
+    resolution's forward. 'none' -> both empty. 'auto' is the trainer's to resolve: ValueError here.
+    A malformed spec raises ConfigError (one line naming the key, the bad item and the valid forms)."""
+    compact = _WHITESPACE.sub("", text)
+    if compact == "auto":
+        raise ValueError("model.activation_checkpointing=auto is resolved by the trainer into a plan; "
+                         "parse_checkpointing takes none or a spec")
+    if not compact:
+        raise ConfigError(f"{_CHECKPOINTING_KEY} is empty; set none (no checkpointing), auto or a spec: "
+                          f"{_checkpointing_forms(arch)}")
+    plan: dict[str, set[str]] = {resolution: set() for resolution in _RESOLUTIONS}
+    if compact == "none":
+        return {resolution: frozenset() for resolution in _RESOLUTIONS}
+    for part in compact.split(";"):
+        prefix, sep, items = part.rpartition(":")
+        if sep and prefix not in _RESOLUTIONS:
+            raise ConfigError(f"{_CHECKPOINTING_KEY}: bad prefix {prefix + sep!r} in {text!r}; use global:, local: or "
+                              f"no prefix (both resolutions), e.g. global:layer1;local:stem")
+        segments = [name for item in items.split(",") for name in _checkpointing_item(item, arch, text)]
+        for resolution in ([prefix] if sep else _RESOLUTIONS):
+            plan[resolution].update(segments)
+    return {resolution: frozenset(segments) for resolution, segments in plan.items()}
+
+
+def _format_segments(segments: frozenset[str], arch: str) -> str:
+    if set(segments) == set(checkpoint_segments(arch)):
+        return "all"
+    items = ["stem"] if "stem" in segments else []
+    for stage, blocks in enumerate(BLOCKS_PER_STAGE[arch], 1):
+        names = [f"layer{stage}.{k}" for k in range(blocks)]
+        if all(name in segments for name in names):
+            items.append(f"layer{stage}")
+        else:
+            items.extend(name for name in names if name in segments)
+    return ",".join(items)
+
+
+def format_checkpointing(plan: dict, arch: str) -> str:
+    """The canonical text of a parsed plan (parse_checkpointing(format_checkpointing(p), arch) == p):
+    'none' when nothing is checkpointed; 'all' for every segment, 'layerN' for a whole stage; the same
+    segments at both resolutions written once without a prefix, else 'global:...;local:...' (an empty
+    resolution left out). A missing resolution key counts as empty; an unknown key or segment is a ValueError."""
+    valid = set(checkpoint_segments(arch))
+    unknown = set(plan) - set(_RESOLUTIONS)
+    if unknown:
+        raise ValueError(f"checkpointing plan keys must be global / local, got {sorted(unknown)}")
+    sets = {resolution: frozenset(plan.get(resolution, ())) for resolution in _RESOLUTIONS}
+    for segments in sets.values():
+        if not segments <= valid:
+            raise ValueError(f"{sorted(segments - valid)} are not segments of {arch}: {checkpoint_segments(arch)}")
+    if not sets["global"] and not sets["local"]:
+        return "none"
+    if sets["global"] == sets["local"]:
+        return _format_segments(sets["global"], arch)
+    return ";".join(f"{resolution}:{_format_segments(sets[resolution], arch)}"
+                    for resolution in _RESOLUTIONS if sets[resolution])
 
 
 @dataclass
@@ -209,6 +316,9 @@ class TrainConfig:
     # NaN/inf guard: a step with non-finite gradients is skipped on the device and counted; this many
     # skipped steps in a row stop the run (0 disables the guard).
     max_bad_steps: int = 20
+    # GiB of memory per GPU that model.activation_checkpointing=auto plans for (python -m wcl_fast.plan;
+    # docs/memory.md); 0 = what the device reports
+    gpu_memory: float = 0.0
 
 
 @dataclass
@@ -447,7 +557,8 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"config key 'data.std' must hold 3 numbers > 0 (it divides the pixels), got {cfg.data.std}")
     for key, value in {"data.workers": cfg.data.workers, "data.local_crops": cfg.data.local_crops,
                        "data.max_decode_pixels": cfg.data.max_decode_pixels,
-                       "train.stop_at_step": cfg.train.stop_at_step, "train.max_bad_steps": cfg.train.max_bad_steps, "optim.warmup_epochs": cfg.optim.warmup_epochs,
+                       "train.stop_at_step": cfg.train.stop_at_step, "train.max_bad_steps": cfg.train.max_bad_steps,
+                       "train.gpu_memory": cfg.train.gpu_memory, "optim.warmup_epochs": cfg.optim.warmup_epochs,
                        "knn.every_epochs": cfg.knn.every_epochs}.items():
         if value < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
@@ -460,6 +571,8 @@ def _check_values(cfg: Config) -> None:
                           f"for data.backend={cfg.data.backend}")
     if cfg.model.widths and (len(cfg.model.widths) != 4 or min(cfg.model.widths) <= 0):
         raise ConfigError(f"config key 'model.widths' must list 4 positive stage widths (or be []), got {cfg.model.widths}")
+    if _WHITESPACE.sub("", cfg.model.activation_checkpointing) not in ("none", "auto"):
+        parse_checkpointing(cfg.model.activation_checkpointing, cfg.model.arch)  # ConfigError when malformed
     if cfg.loss.graph_tau is not None and cfg.loss.graph_tau <= 0:
         raise ConfigError(f"config key 'loss.graph_tau' must be > 0 (or null = loss.tau), got {cfg.loss.graph_tau}")
     for key, value in {"loss.clinfonce.kmeans_k": cfg.loss.clinfonce.kmeans_k,

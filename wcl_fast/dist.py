@@ -5,6 +5,7 @@ is nccl on CUDA and gloo on CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -68,11 +69,33 @@ def _attempt_store(rank: int, world: int):
     return dist.PrefixStore(prefix, store)
 
 
+# (world, rank) of a simulated run: the memory planner traces one rank of a `world`-process step in this
+# process on fake tensors (wcl_fast/memory.py); gathers then only produce the gathered shapes
+_SIMULATED: tuple[int, int] | None = None
+
+
+@contextlib.contextmanager
+def simulated(world: int, rank: int = 0):
+    """Inside: world_size() / rank() report (world, rank) and gather_rows concatenates `x` with
+    uninitialised blocks for the other ranks -- the shapes and memory of a `world`-process step, not its
+    values. For tracing on fake tensors only (wcl_fast.memory); never inside a real process group."""
+    global _SIMULATED
+    previous, _SIMULATED = _SIMULATED, (world, rank)
+    try:
+        yield
+    finally:
+        _SIMULATED = previous
+
+
 def world_size() -> int:
+    if _SIMULATED is not None:
+        return _SIMULATED[0]
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def rank() -> int:
+    if _SIMULATED is not None:
+        return _SIMULATED[1]
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
@@ -86,6 +109,8 @@ def gather_rows(x: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
     world = world_size()
     if world == 1:
         return x
+    if _SIMULATED is not None:  # shapes only (wcl_fast.memory)
+        return torch.cat([x if r == rank() else torch.empty_like(x) for r in range(world)], dim=0)
     if differentiable:
         return _GatherRows.apply(x)
     parts = [torch.empty_like(x) for _ in range(world)]
@@ -114,7 +139,7 @@ class _GatherRows(torch.autograd.Function):
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean of a tensor over ranks (identity on one process)."""
-    if world_size() == 1:
+    if world_size() == 1 or _SIMULATED is not None:
         return x
     x = x.clone()
     dist.all_reduce(x)

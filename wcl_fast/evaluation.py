@@ -1,6 +1,6 @@
 """Evaluation helpers shared by the kNN monitor, the linear probe, fine-tuning and the trainer: an encoder
-loaded from any supported checkpoint, features of a whole split across ranks (each image counted once,
-unreadable images left out and counted), and top-1 / top-5 accuracy."""
+loaded from any supported checkpoint, features of a whole split across ranks, gathered or each rank's
+shard (each image counted once, unreadable images left out and counted), and top-1 / top-5 accuracy."""
 from __future__ import annotations
 
 import sys
@@ -39,21 +39,25 @@ def extract_features(encoder: torch.nn.Module, loader, device: torch.device, cha
 
 
 def extract_all(encoder: torch.nn.Module, loader, total: int, what: str, device: torch.device, channels_last: bool = True,
-                precision: str = "fp32", normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor, int]:
+                precision: str = "fp32", normalize: bool = True,
+                gather: bool = True) -> tuple[torch.Tensor, torch.Tensor, int]:
     """extract_features over every rank's shard, gathered in rank order: (features, labels, unreadable
-    images left out). Checks that the shards covered the `total` samples exactly once and names the
-    unreadable ones' count (`what`: e.g. "data.val_dir") when there are any."""
+    images left out, summed over ranks); gather=False: this rank's shard only (the kNN monitor, which
+    never holds a whole split). Checks that the shards covered the `total` samples exactly once and names
+    the unreadable ones' count (`what`: e.g. "data.val_dir") when there are any."""
     feats, labels, skipped = extract_features(encoder, loader, device, channels_last, precision, normalize)
+    rows = feats.shape[0]
     if wdist.world_size() > 1:
-        count = torch.tensor([float(skipped)], device=device)
-        dist.all_reduce(count)
-        skipped = int(count.item())  # sync point (evaluation only)
-    feats, labels = gather_variable(feats), gather_variable(labels)
-    assert feats.shape[0] + skipped == total, "evaluation shards must cover each set exactly once"
+        counts = torch.tensor([rows, skipped], dtype=torch.int64, device=device)
+        dist.all_reduce(counts)
+        rows, skipped = counts.tolist()  # sync point (evaluation only)
+    if gather:
+        feats, labels = gather_variable(feats), gather_variable(labels)
+    assert rows + skipped == total, "evaluation shards must cover each set exactly once"
     if skipped and wdist.rank() == 0:
         print(f"warning: {what}: {skipped} of {total} images are unreadable and were left out "
-              f"(the warnings above name them); evaluated {feats.shape[0]}", file=sys.stderr, flush=True)
-    if feats.shape[0] == 0:
+              f"(the warnings above name them); evaluated {rows}", file=sys.stderr, flush=True)
+    if rows == 0:
         from wcl_fast.config import ConfigError
 
         raise ConfigError(f"{what}: none of its {total} images could be read")

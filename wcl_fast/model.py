@@ -4,15 +4,34 @@ F: torchvision ResNet without its classifier -> h [B, 2048] (ResNet-50) or [B, 5
 g (head1, instance discrimination) and phi (head2, weak labels): Linear BN ReLU Linear BN ReLU Linear.
 Sub-module names (`linear1`, `bn1`, ...) follow the reference code so that its parameter-grouping
 rule ("name contains 'bn' or 'bias'") selects the same parameters.
+
+Activation checkpointing (`model.activation_checkpointing`; docs/memory.md §2): the encoder is cut into segments -- the stem (conv1 + bn1 + relu + maxpool) and every
+residual block -- and a selected segment keeps only its input; its activations are recomputed in the
+backward pass (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost";
+torch.utils.checkpoint, https://pytorch.org/docs/stable/checkpoint.html, the non-reentrant variant).
+Global and local crops have their own sets of segments. The recomputation is exact: the same
+operators on the same inputs, so the same activations, gradients and BatchNorm statistics. Running
+statistics are updated by the forward pass only: during a recomputation every BatchNorm of the
+segment updates scratch copies of running_mean / running_var / num_batches_tracked, which are then
+dropped (see _ScratchRunningStats for why track_running_stats=False cannot be used). A ResNet draws no
+random numbers, so the RNG state is not stashed (preserve_rng_state=False). With a non-empty plan for
+a resolution the encoder's forward runs here, stage by stage (torchvision's ResNet._forward_impl), not
+through `self.net(...)`: `model.net.compile` and hooks on `model.net` itself then do not apply to that
+resolution (hooks on its sub-modules do). State-dict keys are unchanged (no wrapper modules).
 """
 from __future__ import annotations
+
+from contextlib import nullcontext
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import checkpoint
 
-from wcl_fast.config import ModelConfig
+from wcl_fast.config import ModelConfig, checkpoint_segments, parse_checkpointing
 
 FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
 
@@ -76,10 +95,66 @@ def build_encoder(arch: str, stem: str = "imagenet", widths=None) -> nn.Module:
     return encoder
 
 
-class WCLModel(nn.Module):
-    """Encoder F + head1 (g) + head2 (phi); forward maps crops to normalised z = g(h), u = phi(h)."""
+class _ScratchRunningStats:
+    """Recomputation context of one checkpointed segment: inside, every BatchNorm (nn.BatchNorm*d and
+    SyncBatchNorm, i.e. torch.nn.modules.batchnorm._BatchNorm) of the segment that tracks running
+    statistics holds clones of running_mean, running_var and num_batches_tracked; on exit the original
+    tensors are put back, so the recomputed forward leaves them as the first forward did.
 
-    def __init__(self, cfg: ModelConfig, two_heads: bool = True):
+    Setting track_running_stats=False instead would also skip the update, but BatchNorm then passes
+    running_mean / running_var = None to F.batch_norm, whose autograd node saves two tensors fewer
+    than in the original forward; the non-reentrant checkpoint matches saved tensors by position and
+    stops with "A different number of tensors was saved" (torch 2.14). The clones keep the saved
+    tensors' number, shapes and dtypes, and the outputs (batch statistics in training mode) are the same.
+    Reusable: a second recomputation (backward with retain_graph) enters it again."""
+
+    def __init__(self, modules: tuple[nn.Module, ...]):
+        self.modules = modules
+        self.saved: list = []
+
+    def __enter__(self):
+        for root in self.modules:
+            for bn in root.modules():
+                if isinstance(bn, _BatchNorm) and bn.track_running_stats and bn.running_mean is not None:
+                    self.saved.append((bn, bn.running_mean, bn.running_var, bn.num_batches_tracked))
+                    bn.running_mean = bn.running_mean.clone()
+                    bn.running_var = bn.running_var.clone()
+                    if bn.num_batches_tracked is not None:
+                        bn.num_batches_tracked = bn.num_batches_tracked.clone()
+        return self
+
+    def __exit__(self, *exc):
+        for bn, mean, var, count in reversed(self.saved):
+            bn.running_mean, bn.running_var, bn.num_batches_tracked = mean, var, count
+        self.saved = []
+        return False
+
+
+def _run(modules: tuple[nn.Module, ...], x: torch.Tensor) -> torch.Tensor:
+    for module in modules:
+        x = module(x)
+    return x
+
+
+def _segment(modules: tuple[nn.Module, ...], x: torch.Tensor, checkpointed: bool) -> torch.Tensor:
+    """One encoder segment, checkpointed when asked and when autograd would record it (grad enabled,
+    and the input or a parameter of the segment requires grad); else called directly."""
+    if checkpointed and torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for m in modules for p in m.parameters())):
+        return checkpoint(partial(_run, modules), x, use_reentrant=False, preserve_rng_state=False,
+                          context_fn=lambda: (nullcontext(), _ScratchRunningStats(modules)))
+    return _run(modules, x)
+
+
+class WCLModel(nn.Module):
+    """Encoder F + head1 (g) + head2 (phi); forward maps crops to normalised z = g(h), u = phi(h).
+
+    checkpointing: the activation-checkpointing plan, {'global': segments, 'local': segments} as
+    wcl_fast.config.parse_checkpointing returns it (a missing key = none). None: parsed from
+    cfg.activation_checkpointing, where 'auto' counts as 'none' -- auto is resolved by the trainer,
+    which passes the plan it chose (here or through set_checkpointing)."""
+
+    def __init__(self, cfg: ModelConfig, two_heads: bool = True, checkpointing: dict | None = None):
         super().__init__()
         self.cfg = cfg
         self.net = build_encoder(cfg.arch, cfg.stem, cfg.widths)
@@ -88,11 +163,45 @@ class WCLModel(nn.Module):
         # objectives without a second head (SimCLR, CO2, SLR, single-head Cl-InfoNCE) build none, so
         # that DDP never waits for gradients of unused parameters
         self.head2 = ProjectionHead(dim, cfg.head_hidden, cfg.head_out) if two_heads else None
+        if checkpointing is None:
+            text = cfg.activation_checkpointing
+            checkpointing = parse_checkpointing("none" if "".join(text.split()) == "auto" else text, cfg.arch)
+        self.set_checkpointing(checkpointing)
 
-    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def set_checkpointing(self, plan: dict) -> None:
+        """Use the plan {'global': segments, 'local': segments} (segment names of
+        wcl_fast.config.checkpoint_segments; a missing key = none) from the next forward on."""
+        valid = checkpoint_segments(self.cfg.arch)
+        unknown = set(plan) - {"global", "local"}
+        if unknown:
+            raise ValueError(f"checkpointing plan keys must be global / local, got {sorted(unknown)}")
+        checked = {}
+        for resolution in ("global", "local"):
+            segments = frozenset(plan.get(resolution, ()))
+            if not segments <= set(valid):
+                raise ValueError(f"{sorted(segments - set(valid))} are not segments of {self.cfg.arch}: {valid}")
+            checked[resolution] = segments
+        self.checkpointing = checked
+
+    def encode(self, images: torch.Tensor, resolution: str = "global") -> torch.Tensor:
+        """The encoder F: images [B,3,H,W] -> h [B, d], its segments checkpointed as the plan of
+        `resolution` ('global' | 'local') says."""
+        segments = self.checkpointing[resolution]
+        if not segments or not torch.is_grad_enabled():
+            return self.net(images)
+        net = self.net  # torchvision ResNet._forward_impl, segment by segment
+        x = _segment((net.conv1, net.bn1, net.relu, net.maxpool), images, "stem" in segments)
+        for stage in range(1, 5):
+            for k, block in enumerate(getattr(net, f"layer{stage}")):
+                x = _segment((block,), x, f"layer{stage}.{k}" in segments)
+        x = net.avgpool(x)
+        x = torch.flatten(x, 1)
+        return net.fc(x)
+
+    def embed(self, images: torch.Tensor, resolution: str = "global") -> tuple[torch.Tensor, torch.Tensor | None]:
         """One forward pass (one set of BN statistics): images [B,3,H,W] -> z [B,d], u [B,d] (None
-        without head 2), L2-normalised."""
-        h = self.net(images)  # [B, 2048]
+        without head 2), L2-normalised. resolution ('global' | 'local') picks the checkpointing plan."""
+        h = self.encode(images, resolution)  # [B, 2048]
         z = F.normalize(self.head1(h).float(), dim=1)  # [B, d_out]
         u = F.normalize(self.head2(h).float(), dim=1) if self.head2 is not None else None  # [B, d_out]
         return z, u
@@ -104,13 +213,13 @@ class WCLModel(nn.Module):
         Returns z_global, u_global [2B, d] and z_local, u_local [L*B, d] (or None). One forward per
         resolution, or per view when cfg.forward == 'per_view' (the reference's BN statistics).
         All crops go through this single call so that DDP sees one forward per step.
-        extra [E,3,H,W] (e.g. SLR's mixed queries): embedded in its own pass of the same call; the
-        head-1 embeddings [E, d] are appended as a fifth output.
+        extra [E,3,H,W] (e.g. SLR's mixed queries, global resolution): embedded in its own pass of
+        the same call; the head-1 embeddings [E, d] are appended as a fifth output.
         """
         outputs = self._crops(global_crops, local_crops)
         if extra is None:
             return outputs
-        return outputs + (self.embed(extra)[0],)
+        return outputs + (self.embed(extra, "global")[0],)
 
     def _cat(self, chunks):
         return (torch.cat([c[0] for c in chunks]),
@@ -118,17 +227,19 @@ class WCLModel(nn.Module):
 
     def _crops(self, global_crops, local_crops):
         if self.cfg.forward == "per_view":
-            z_global, u_global = self._cat([self.embed(view) for view in global_crops.chunk(2)])
+            z_global, u_global = self._cat([self.embed(view, "global") for view in global_crops.chunk(2)])
         else:
-            z_global, u_global = self.embed(global_crops)
+            z_global, u_global = self.embed(global_crops, "global")
         if local_crops is None or local_crops.shape[0] == 0:
             return z_global, u_global, None, None
         if self.cfg.forward == "per_view":
             batch = global_crops.shape[0] // 2
-            return (z_global, u_global) + self._cat([self.embed(view) for view in local_crops.split(batch)])
-        z_local, u_local = self.embed(local_crops)
+            return (z_global, u_global) + self._cat([self.embed(view, "local") for view in local_crops.split(batch)])
+        z_local, u_local = self.embed(local_crops, "local")
         return z_global, u_global, z_local, u_local
 
 
-def build_model(cfg: ModelConfig, two_heads: bool = True) -> WCLModel:
-    return WCLModel(cfg, two_heads)
+def build_model(cfg: ModelConfig, two_heads: bool = True, checkpointing: dict | None = None) -> WCLModel:
+    """WCLModel; checkpointing: the activation-checkpointing plan (None: cfg.activation_checkpointing,
+    with 'auto' as 'none' -- the trainer resolves auto)."""
+    return WCLModel(cfg, two_heads, checkpointing)

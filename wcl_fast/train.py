@@ -29,8 +29,79 @@ from wcl_fast.runtime import autocast_dtype
 from wcl_fast.signals import StopRequest
 
 # exit codes of main(): 0 finished or stopped by a signal with a checkpoint (resume=auto continues),
-# 2 user error (config, paths, checkpoint), 3 non-finite training stopped, 4 a checkpoint write failed
-EXIT_NONFINITE, EXIT_WRITE = 3, 4
+# 2 user error (config, paths, checkpoint), 3 non-finite training stopped, 4 a checkpoint write failed,
+# 5 the device ran out of memory (the last checkpoint is intact; docs/memory.md)
+EXIT_NONFINITE, EXIT_WRITE, EXIT_OOM = 3, 4, 5
+
+
+class OutOfMemory(RuntimeError):
+    """The device ran out of memory in a step or the monitor; its message is the one line main() prints."""
+
+
+def device_memory(cfg: Config, device: torch.device) -> tuple[int, str]:
+    """(bytes per GPU the memory plan may use, where that number comes from): train.gpu_memory when set,
+    else the smallest total memory of the ranks' devices (every rank must choose the same plan), else
+    0 (the CPU: no budget)."""
+    from wcl_fast.memory import GiB
+
+    if cfg.train.gpu_memory > 0:
+        return int(cfg.train.gpu_memory * GiB), f"train.gpu_memory={cfg.train.gpu_memory:g}"
+    if device.type != "cuda":
+        return 0, "the CPU (no device memory to plan for; train.gpu_memory sets one)"
+    props = torch.cuda.get_device_properties(device)
+    total = torch.tensor([props.total_memory], dtype=torch.int64, device=device)
+    if wdist.world_size() > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(total, op=dist.ReduceOp.MIN)
+    return int(total.item()), props.name  # sync point (once, before training)
+
+
+def memory_plan(cfg: Config, ctx: wdist.DistContext, logger: RunLogger):
+    """The activation-checkpointing plan of model.activation_checkpointing (auto: chosen for the budget
+    of device_memory) and, where there is a budget, its traced estimate, printed by rank 0 beside the
+    device's memory before the first step. Returns (parsed plan, Plan or None)."""
+    from wcl_fast import plan as wplan
+    from wcl_fast.config import parse_checkpointing
+    from wcl_fast.memory import GiB
+
+    budget, source = device_memory(cfg, ctx.device)
+    text = cfg.model.activation_checkpointing
+    if budget <= 0:
+        if text == "auto":
+            logger.info(f"activation checkpointing auto: none on {source}")
+        return parse_checkpointing("none" if text == "auto" else text, cfg.model.arch), None
+    plan = wplan.resolve(cfg, ctx.world_size, budget)
+    title = f"(model.activation_checkpointing={text})"
+    logger.info(f"{wplan.format_plan(plan, cfg, title)}\n"
+                f"device memory: {budget / GiB:.1f} GiB per GPU ({source})")
+    if not plan.fits:
+        logger.info(f"warning: the memory plan does not fit {budget / GiB:.1f} GiB per GPU; the run may end out of "
+                    f"memory (exit code {EXIT_OOM})")
+    logger.scalars(0, {"memory_plan": plan.text, "memory_estimate_gib": plan.total / GiB,
+                       "memory_budget_gib": budget / GiB})
+    return plan.checkpointing, plan
+
+
+def out_of_memory_message(exc: BaseException, plan, cfg: Config, device: torch.device, global_step: int,
+                          checkpoint: str) -> str:
+    """One line: what was being allocated, the plan's estimate, the device's memory, the keys to change."""
+    import re
+
+    from wcl_fast.memory import GiB
+
+    asked = re.search(r"Tried to allocate ([0-9.]+ [KMGT]?i?B)", str(exc))
+    what = f"allocating {asked.group(1)}" if asked else str(exc).splitlines()[0][:160]
+    if device.type == "cuda":
+        have = f"{torch.cuda.get_device_properties(device).total_memory / GiB:.1f} GiB"
+    else:
+        have = "the host's memory"
+    estimate = (f"the memory plan estimated {plan.total / GiB:.1f} GiB per GPU with activation checkpointing "
+                f"'{plan.text}'" if plan is not None else
+                f"no memory plan was traced (activation checkpointing '{cfg.model.activation_checkpointing}')")
+    return (f"out of memory in global step {global_step + 1} while {what}; {estimate}, the device has {have}. Set "
+            f"model.activation_checkpointing=auto with train.gpu_memory=<a few GiB less than the device> "
+            f"(or =all), or lower data.batch_size (python -m wcl_fast.plan shows the plans); {checkpoint}")
 
 
 def check_similarity_backend(cfg: Config, device: torch.device) -> None:
@@ -113,7 +184,8 @@ def _train(cfg: Config, ctx: wdist.DistContext) -> dict:
     warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
     base_lr = base_learning_rate(cfg.optim, cfg.data.batch_size)
 
-    model = build_model(cfg.model, two_heads=objectives.two_heads(cfg))
+    checkpointing, plan = memory_plan(cfg, ctx, logger)
+    model = build_model(cfg.model, two_heads=objectives.two_heads(cfg), checkpointing=checkpointing)
     guard = cfg.train.max_bad_steps > 0
     optimizer = build_optimizer(model, cfg.optim, skip_nonfinite=guard)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
@@ -190,6 +262,10 @@ def _train(cfg: Config, ctx: wdist.DistContext) -> dict:
             start_step = 0
             checkpoints.save(epoch + 1, 0, global_step)
             end_of_epoch(cfg, ctx, model, logger, epoch, global_step, summary, checkpoints.path)
+    except torch.cuda.OutOfMemoryError as exc:  # nothing is written: the last checkpoint stays as it was
+        stop.restore(wait=False)
+        raise OutOfMemory(out_of_memory_message(exc, plan, cfg, device, global_step,
+                                                checkpoints.last_good_text())) from None
     except BaseException:
         stop.restore(wait=False)  # other ranks may not reach the reduction in flight
         raise
@@ -310,6 +386,9 @@ def main(argv=None) -> int:
     except CheckpointWriteError as exc:
         print(f"error: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_WRITE
+    except OutOfMemory as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_OOM
     return 0
 
 

@@ -74,8 +74,15 @@ class EMAEncoder:
         """key <- lerp(key, online, 1 - ema); `ok` (device bool, optional): False leaves the keys as they were."""
         keys, names = self._params(online)
         source = dict(online.named_parameters())
-        weight = 1.0 - self.ema if ok is None else ok.to(keys[0].dtype) * (1.0 - self.ema)
-        torch._foreach_lerp_(keys, [source[n].detach() for n in names], weight)
+        online_params = [source[n].detach() for n in names]
+        if ok is None:
+            torch._foreach_lerp_(keys, online_params, 1.0 - self.ema)
+            return
+        # a device-side weight: lerp with a tensor weight reads it on the host (aten._local_scalar_dense)
+        # every step; key + w (online - key) with w a 0-dim tensor stays on the device
+        steps = torch._foreach_sub(online_params, keys)
+        torch._foreach_mul_(steps, ok.to(keys[0].dtype) * (1.0 - self.ema))
+        torch._foreach_add_(keys, steps)
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
