@@ -203,6 +203,12 @@ def test_plan_command_prints_the_table_and_documented_json(tmp_path):
     documented = set(re.findall(r"^\| `([a-z_0-9]+)` \|", (ROOT / "docs" / "memory.md").read_text(), re.M))
     assert set(record) == documented
     assert record["batch_per_gpu"] == 16 and record["plan"] == "layer1" and record["fits"] is True
+    table = subprocess.run([sys.executable, "-m", "wcl_fast.plan", "--gpus", "2", "--table", str(SMOKE), "data.batch_size=64"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert table.returncode == 0, table.stderr[-2000:]
+    rows = table.stdout.strip().splitlines()
+    assert rows[0].startswith("| config | 80 GB") and len(rows) == 3
+    assert rows[2].startswith("| `cpu_smoke.yaml` (32 per GPU) |") and rows[2].count("`none`: ") == 4
     bad = subprocess.run([sys.executable, "-m", "wcl_fast.plan", "--config", str(SMOKE), "--gpus", "3"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--gpus 3" in bad.stderr
@@ -231,3 +237,32 @@ def test_out_of_memory_ends_the_run_with_one_line_and_keeps_the_checkpoint(tmp_p
     assert "memory plan estimated" in line and "model.activation_checkpointing" in line and "checkpoint.pt" in line
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert state["global_step"] == 4  # epoch 0's checkpoint, untouched
+
+
+@pytest.mark.parametrize("objective", [
+    ["loss.multicrop_rule=knn"], ["loss.multicrop_rule=inherit"], ["loss.objective=simclr"],
+    ["loss.objective=co2", "loss.co2.form=queue", "loss.momentum.queue_size=64"],
+    ["loss.objective=slr", "loss.momentum.queue_size=64"],
+    ["loss.objective=clinfonce", "loss.clinfonce.form=dual", "loss.clinfonce.kmeans_k=8"]],
+    ids=["wcl-knn", "wcl-inherit", "simclr", "co2-queue", "slr", "clinfonce-dual"])
+def test_every_objective_step_traces_without_reading_values(objective):
+    """Fake tensors hold no values: a step that reads one on the host (.item(), a data-dependent shape) cannot
+    be traced (DataDependentOutputException), so the plan exists for every objective, at world size 4 too."""
+    cfg = _cfg("data.batch_size=16", *objective)
+    trace = trace_step(cfg, 4)
+    assert trace.peak > trace.parameters > 0 and trace.step_flops > 0
+
+
+def test_step_bench_times_each_plan_against_none(tmp_path):
+    from wcl_fast.bench_step import main
+
+    out = tmp_path / "plans.json"
+    assert main(["--config", str(SMOKE), "--steps", "2", "--warmup", "1", "--rounds", "1", "--json", str(out),
+                 "--plans", "auto|none|all", "--gpu-memory", "64", "data.batch_size=16", *NARROW]) == 0
+    rows = {row["plan"]: row for row in json.loads(out.read_text())["plans"]}
+    assert set(rows) == {"auto", "none", "all"}
+    assert rows["none"]["ratio"] == 1.0 and rows["none"]["recompute_share"] == 0.0
+    assert rows["auto"]["checkpointing"] == "none"  # 64 GiB: nothing to checkpoint
+    assert rows["all"]["ratio"] > 0 and 0.2 < rows["all"]["recompute_share"] < 0.5  # one more encoder forward
+    assert rows["all"]["traced_peak_gib"] < rows["none"]["traced_peak_gib"]
+    assert rows["all"]["measured_peak_gib"] is None  # measured on CUDA only

@@ -236,6 +236,7 @@ def run_plans(cfg, texts: list[str], steps: int, warmup: int, rounds: int, gpu_m
     measured = {name: min(times[name]) for name, _ in plans if times[name] and name not in oom}
     # ratios to no checkpointing when that plan ran, else to the first plan that did
     empty = [name for name, plan in plans if not any(plan.values()) and name in measured]
+    empty.sort(key=lambda name: name != "none")  # the plan written 'none' first, else auto's empty plan
     base = measured[empty[0]] if empty else next((measured[name] for name, _ in plans if name in measured), None)
     for name, plan in plans:
         traced = trace_step(cfg, 1, plan) if any(plan.values()) else plain

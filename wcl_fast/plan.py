@@ -316,11 +316,11 @@ def format_plan(plan: Plan, cfg: Config, title: str = "") -> str:
 CARDS = {"80 GB (H100, A100 80GB)": 79.1, "40 GB (A100 40GB)": 39.4, "32 GB (V100 32GB)": 31.7, "24 GB (A10, L4)": 22.0}
 
 
-def table(paths: list[str], gpus: int, overrides: list[str]) -> str:
-    """Markdown: config x card -> the auto plan, its total against the card, its recomputed share; where
-    nothing fits, the nearest batch that does."""
-    header = "| config | " + " | ".join(CARDS) + " |"
-    lines = [header, "|" + "---|" * (len(CARDS) + 1)]
+def table(paths: list[str], gpus: int, overrides: list[str]):
+    """Markdown lines, yielded as they are ready: config x card -> the auto plan, its total against the card,
+    its recomputed share; where nothing fits, the nearest batch that does."""
+    yield "| config | " + " | ".join(CARDS) + " |"
+    yield "|" + "---|" * (len(CARDS) + 1)
     for path in paths:
         cfg = load_config(path, overrides)
         plain = trace_step(cfg, gpus)
@@ -335,8 +335,7 @@ def table(paths: list[str], gpus: int, overrides: list[str]) -> str:
                              f"batch {n['data.batch_size']}, lr {n['base_lr']:.2f}")
             else:
                 cells.append(f"does not fit ({plan.total / GiB:.1f} GiB with `all`)")
-        lines.append(f"| `{Path(path).name}` ({cfg.data.batch_size // gpus} per GPU) | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        yield f"| `{Path(path).name}` ({cfg.data.batch_size // gpus} per GPU) | " + " | ".join(cells) + " |"
 
 
 def main(argv=None) -> int:
@@ -357,7 +356,8 @@ def main(argv=None) -> int:
         if args.table:  # overrides follow the config paths on the command line
             configs = [a for a in args.table + rest if a.endswith((".yaml", ".yml"))]
             overrides = [a for a in args.table + rest if "=" in a and not a.endswith((".yaml", ".yml"))]
-            print(table(configs, args.gpus, overrides))
+            for line in table(configs, args.gpus, overrides):
+                print(line, flush=True)
             return 0
         if rest:
             args = parser.parse_args(argv)  # argparse's own error for what it does not know

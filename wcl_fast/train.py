@@ -83,7 +83,7 @@ def memory_plan(cfg: Config, ctx: wdist.DistContext, logger: RunLogger):
     return plan.checkpointing, plan
 
 
-def out_of_memory_message(exc: BaseException, plan, cfg: Config, device: torch.device, global_step: int,
+def out_of_memory_message(exc: BaseException, plan, cfg: Config, device: torch.device, where: str,
                           checkpoint: str) -> str:
     """One line: what was being allocated, the plan's estimate, the device's memory, the keys to change."""
     import re
@@ -99,7 +99,7 @@ def out_of_memory_message(exc: BaseException, plan, cfg: Config, device: torch.d
     estimate = (f"the memory plan estimated {plan.total / GiB:.1f} GiB per GPU with activation checkpointing "
                 f"'{plan.text}'" if plan is not None else
                 f"no memory plan was traced (activation checkpointing '{cfg.model.activation_checkpointing}')")
-    return (f"out of memory in global step {global_step + 1} while {what}; {estimate}, the device has {have}. Set "
+    return (f"out of memory {where} while {what}; {estimate}, the device has {have}. Set "
             f"model.activation_checkpointing=auto with train.gpu_memory=<a few GiB less than the device> "
             f"(or =all), or lower data.batch_size (python -m wcl_fast.plan shows the plans); {checkpoint}")
 
@@ -212,6 +212,7 @@ def _train(cfg: Config, ctx: wdist.DistContext) -> dict:
     first_step, summary = global_step, {"steps_per_epoch": steps_per_epoch}
     logger.scalars(global_step, {"loader": choice.backend, "loader_requested": choice.requested,
                                  "loader_reason": choice.reason, **origin})
+    where = "before the first step"  # named in an out-of-memory message
     show_bar = ctx.is_main and use_progress_bar(cfg.train.progress)  # off a terminal: one plain line per interval
     wall_start = time.perf_counter()
     ddp.train()
@@ -219,12 +220,14 @@ def _train(cfg: Config, ctx: wdist.DistContext) -> dict:
         for epoch in range(start_epoch, cfg.train.epochs):
             if stopped:
                 break
+            where = f"at the start of epoch {epoch} (the objective's epoch hook)"
             objective.on_epoch_start(epoch, start_step)
             batches = loader.epoch(epoch, start_step)
             bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch}", disable=not show_bar,
                        dynamic_ncols=True, leave=False)
             step_in_epoch = start_step
             while step_in_epoch < steps_per_epoch:
+                where = f"in global step {global_step + 1}"
                 batch = meter.next_batch(batches).to(device, cfg.model.channels_last)
                 lr = learning_rate(global_step, base_lr, warmup_steps, total_steps)
                 for group in optimizer.param_groups:
@@ -261,11 +264,11 @@ def _train(cfg: Config, ctx: wdist.DistContext) -> dict:
                 break
             start_step = 0
             checkpoints.save(epoch + 1, 0, global_step)
+            where = f"in the kNN monitor after epoch {epoch}"
             end_of_epoch(cfg, ctx, model, logger, epoch, global_step, summary, checkpoints.path)
     except torch.cuda.OutOfMemoryError as exc:  # nothing is written: the last checkpoint stays as it was
         stop.restore(wait=False)
-        raise OutOfMemory(out_of_memory_message(exc, plan, cfg, device, global_step,
-                                                checkpoints.last_good_text())) from None
+        raise OutOfMemory(out_of_memory_message(exc, plan, cfg, device, where, checkpoints.last_good_text())) from None
     except BaseException:
         stop.restore(wait=False)  # other ranks may not reach the reduction in flight
         raise
@@ -274,7 +277,11 @@ def _train(cfg: Config, ctx: wdist.DistContext) -> dict:
     summary.update(global_step=global_step, wall_s=wall, failed_images=meter.failed_images,
                    mean_samples_per_s=(global_step - first_step) * cfg.data.batch_size / max(wall, 1e-9))
     if cfg.knn.at_end and not stopped:
-        run_knn(cfg, model, device, logger, global_step, summary)
+        try:
+            run_knn(cfg, model, device, logger, global_step, summary)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise OutOfMemory(out_of_memory_message(exc, plan, cfg, device, "in the final kNN monitor",
+                                                    checkpoints.last_good_text())) from None
     logger.close()
     return summary
 
