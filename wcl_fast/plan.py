@@ -60,12 +60,12 @@ class Plan:
     allowance: int
     kept: dict = field(default_factory=dict)  # (resolution, stage) -> activation bytes kept under the plan
     nearest: dict | None = None  # when nothing fits: the largest per-GPU batch that does
+    arch: str = "resnet50"
 
     @property
     def text(self) -> str:
+        """The plan in model.activation_checkpointing syntax."""
         return format_checkpointing(self.checkpointing, self.arch)
-
-    arch: str = "resnet50"
 
     @property
     def total(self) -> int:
