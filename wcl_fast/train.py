@@ -184,6 +184,8 @@ def _train(cfg: Config, ctx: wdist.DistContext) -> dict:
     warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
     base_lr = base_learning_rate(cfg.optim, cfg.data.batch_size)
 
+    if device.type == "cuda":  # fixed training shapes: cuDNN picks its fastest algorithms once (docs/memory.md §6)
+        torch.backends.cudnn.benchmark = True
     checkpointing, plan = memory_plan(cfg, ctx, logger)
     model = build_model(cfg.model, two_heads=objectives.two_heads(cfg), checkpointing=checkpointing)
     guard = cfg.train.max_bad_steps > 0
