@@ -104,6 +104,34 @@ def run(sizes, dims, dtypes, repeats, device):
                        for name, (seconds, peak) in results.items()]
 
 
+def run_training_shape(queries: int, keys: int, dim: int, repeats: int, device):
+    """The knn rule's pass at one rank's training shape (wcl_fast/objectives/wcl.py knn_graph_rows_fused):
+    `queries` crops of this rank (2 + L per image) against `keys` crops of the global batch, image groups of
+    2 + L crops, logits against the first keys / (2 + L) * 2 columns (the global crops), fp32. Rows: gemm
+    (queries x keys), nn+logits (unfused: 1-NN, then the logits' matmul), fused (one Triton pass)."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(queries, dim, device=device, generator=generator), dim=1)
+    k = torch.nn.functional.normalize(torch.randn(keys, dim, device=device, generator=generator), dim=1)
+    crops = 8
+    query_groups = torch.arange(queries, device=device) % max(1, queries // crops)
+    key_groups = torch.arange(keys, device=device) % max(1, keys // crops)
+    columns = 2 * keys // crops
+    paths = {"gemm": lambda: q @ k.t(),
+             "nn+logits": lambda: (kernels.nearest_neighbor(q, k, query_groups, key_groups),
+                                   q @ k[:columns].t() / 0.1)}
+    if kernels.triton_available():
+        paths["fused"] = lambda: kernels.similarity_nearest_neighbor(q, k, query_groups, key_groups, 0.1, columns,
+                                                                     backend="triton")
+    results = {}
+    for name, fn in paths.items():
+        interpreted = name == "fused" and device.type != "cuda"
+        results[name] = _timer(device, fn, 1 if interpreted else repeats)
+    gemm_time = results["gemm"][0]
+    return [{"path": name, "n": queries, "keys": keys, "d": dim, "dtype": "fp32", "ms": 1e3 * seconds,
+             "tflops": 2 * queries * keys * dim / seconds / 1e12, "vs_gemm": seconds / gemm_time, "peak_mib": peak}
+            for name, (seconds, peak) in results.items()]
+
+
 HEADER = f"{'path':<10}{'N':>7}{'D':>5}{'dtype':>6}{'ms':>11}{'TFLOP/s':>9}{'x GEMM':>8}{'peak MiB':>10}"
 
 
@@ -125,6 +153,9 @@ def main(argv=None) -> int:
                         choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--repeats", type=at_least(1), default=10 if cuda else 3)
     parser.add_argument("--json", default="kernels_bench.json", help="where to write the rows as JSON")
+    parser.add_argument("--training-shape", type=at_least(1), nargs=2, metavar=("QUERIES", "KEYS"), default=None,
+                        help="instead: the knn rule's fused pass at one rank's shape, e.g. 4096 32768 (512 images "
+                             "x 8 crops per GPU against 4,096 x 8 crops), fp32, first of --dims")
     args = parser.parse_args(argv)
     output_file("--json", args.json)
     device = torch.device("cuda" if cuda else "cpu")
@@ -134,7 +165,11 @@ def main(argv=None) -> int:
     print(HEADER)
     print("-" * len(HEADER))
     rows = []
-    for shape_rows in run(args.sizes, args.dims, args.dtypes, args.repeats, device):
+    if args.training_shape:
+        shapes = iter([run_training_shape(*args.training_shape, args.dims[0], args.repeats, device)])
+    else:
+        shapes = run(args.sizes, args.dims, args.dtypes, args.repeats, device)
+    for shape_rows in shapes:
         print_rows(shape_rows)
         rows += shape_rows
         with open(args.json, "w") as handle:  # rewritten after every shape: a timeout keeps what was measured

@@ -48,3 +48,25 @@ def test_dali_wheels_pack_then_install_joins_verifies_and_refuses_bad_parts(tmp_
 
 def test_gpu_check_is_valid_bash():
     assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu_check.sh")]).returncode == 0
+
+
+def test_gpu_check_dry_run_writes_one_report_and_one_log(tmp_path):
+    """GPU_CHECK_DRY=1 runs every step of scripts/gpu_check.sh on the CPU at toy sizes: the script's own
+    logic (order, return codes, junit XML, the report's memory table, two files only)."""
+    import json
+    import sys
+
+    env = {**os.environ, "GPU_CHECK_DRY": "1", "OUT": str(tmp_path / "out"), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu_check.log", "report.json"]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    steps = report["steps"]
+    assert list(steps)[:3] == ["headline", "train", "tests"] and "nn" in steps and "step" in steps
+    assert all(step["rc"] == 0 for step in steps.values())
+    assert report["tests"]["passed"] >= 1 and report["tests"]["failed"] == []
+    assert set(report["memory"]) == {"none", "all"} and report["memory"]["all"]["traced_peak_gib"] > 0
+    assert steps["nn"]["result"]["rows"][0]["keys"] == 256
+    log = (tmp_path / "out" / "gpu_check.log").read_text()
+    assert "resumed from" in log  # the end-to-end run stopped with a checkpoint and resume=auto continued it
