@@ -15,18 +15,51 @@ from pathlib import Path
 from tqdm import tqdm
 
 
+def end_torn_line(path: Path) -> int:
+    """Cut a last line that has no newline (a write stopped by kill -9 or a full disk) off `path`, so every
+    line of the file parses and the next record starts on its own line; returns the bytes removed."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return 0
+    with open(path, "rb+") as handle:
+        handle.seek(-1, 2)
+        if handle.read(1) == b"\n":
+            return 0
+        size = handle.seek(0, 2)
+        start = max(0, size - (1 << 20))
+        handle.seek(start)
+        tail = handle.read()
+        cut = start + tail.rfind(b"\n") + 1 if b"\n" in tail else 0
+        handle.truncate(cut)
+        return size - cut
+
+
 class RunLogger:
-    """Writes `log.jsonl` (one object per logged interval) and TensorBoard events under out_dir."""
+    """Writes `log.jsonl` (one object per logged interval) and TensorBoard events under out_dir.
+
+    Logging never stops training: a write that fails (a full disk, a quota, a vanished mount) is one
+    warning and logging pauses; it is tried again with every later record and resumes (said once) when
+    the disk has room; the checkpoints are written as before. A torn last line left by an earlier run is
+    removed, with a warning, before the first append."""
 
     def __init__(self, out_dir: str | Path, enabled: bool, tensorboard: bool):
         self.enabled = enabled
         self.writer = None
         self.jsonl = None
+        self.paused: dict[str, str] = {}  # what is paused ('log.jsonl', 'TensorBoard') -> why
+        self.lost = 0  # records that could not be written while paused
         if not enabled:
             return
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(out_dir / "log.jsonl", "a", buffering=1)
+        self.path = out_dir / "log.jsonl"
+        try:
+            cut = end_torn_line(self.path)
+            if cut:
+                self.info(f"warning: {self.path}: its last line was cut off mid-write by an earlier run ({cut} bytes); "
+                          f"removed it so every line parses")
+            self.jsonl = open(self.path, "a", buffering=1)
+        except OSError as exc:
+            self._pause("log.jsonl", exc)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -34,26 +67,71 @@ class RunLogger:
                 self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
             except ImportError:
                 self.info("warning: tensorboard is not installed; logging to log.jsonl only (pip install tensorboard)")
+            except OSError as exc:
+                self._pause("TensorBoard", exc)
 
     def info(self, message: str) -> None:
         if self.enabled:
             tqdm.write(message, file=sys.stderr)
 
+    def _pause(self, what: str, exc: OSError) -> None:
+        if what not in self.paused:
+            self.paused[what] = exc.strerror or str(exc)
+            self.info(f"warning: writing {what} failed ({self.paused[what]}); logging to it pauses and is retried with "
+                      f"every record; training and checkpoints go on")
+
+    def _resume(self, what: str) -> None:
+        if self.paused.pop(what, None) is not None:
+            self.info(f"{what}: logging resumed" + (f" ({self.lost} record(s) could not be written meanwhile)"
+                                                    if what == "log.jsonl" and self.lost else ""))
+
     def scalars(self, step: int, values: dict) -> None:
         if not self.enabled:
             return
         record = {"step": step, "time": time.time(), **values}
-        self.jsonl.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        try:
+            if "log.jsonl" in self.paused:
+                end_torn_line(self.path)  # a record half written when the disk filled
+            if self.jsonl is None:
+                self.jsonl = open(self.path, "a", buffering=1)
+            self.jsonl.write(line)
+            self.jsonl.flush()
+            self._resume("log.jsonl")
+        except OSError as exc:
+            self.lost += 1
+            self._pause("log.jsonl", exc)
+            self._reopen()
         if self.writer is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, step)
+            try:
+                for key, value in values.items():
+                    if isinstance(value, (int, float)):
+                        self.writer.add_scalar(key, value, step)
+                self.writer.flush()
+                self._resume("TensorBoard")
+            except OSError as exc:
+                self._pause("TensorBoard", exc)
+
+    def _reopen(self) -> None:
+        """Drop a file object whose buffer holds a failed write (closing it would try the write again)."""
+        handle, self.jsonl = self.jsonl, None
+        if handle is not None:
+            try:
+                handle.close()
+            except OSError:
+                pass
 
     def close(self) -> None:
         if self.jsonl is not None:
-            self.jsonl.close()
+            try:
+                self.jsonl.close()
+            except OSError as exc:
+                self._pause("log.jsonl", exc)
         if self.writer is not None:
-            self.writer.close()
+            try:
+                self.writer.close()
+            except OSError as exc:
+                self._pause("TensorBoard", exc)
 
 
 def use_progress_bar(enabled: bool, streams=None) -> bool:

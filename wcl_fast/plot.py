@@ -30,18 +30,26 @@ def read_log(run_dir: str | Path) -> list[dict]:
     if not path.is_file():
         raise PlotError(f"{path} does not exist; pass the train.out_dir of a run (it holds log.jsonl)")
     merged: dict[tuple[int, str], dict] = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    bad, parsed = [], 0
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
-            raise PlotError(f"{path} line {number} is not JSON; is this a wcl-fast log?") from None
-        if "step" not in record:
+        except json.JSONDecodeError:  # e.g. a line cut off by a kill or a full disk: skipped, said below
+            bad.append(number)
+            continue
+        parsed += 1
+        if not isinstance(record, dict) or "step" not in record:
             continue
         # interval records and monitor records of the same step are kept apart, then merged per key
         kind = "knn" if "knn_top1" in record else "interval" if "loss" in record else "other"
         merged.setdefault((int(record["step"]), kind), {}).update(record)
+    if bad and not parsed:
+        raise PlotError(f"{path} holds no JSON records (line {bad[0]} is not JSON); is this a wcl-fast log?")
+    if bad:
+        shown = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        print(f"warning: {path}: skipped {len(bad)} line(s) that are not JSON (line {shown})", file=sys.stderr)
     return [merged[key] for key in sorted(merged)]
 
 
