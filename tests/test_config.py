@@ -66,3 +66,41 @@ def test_command_line_error_is_one_line(tmp_path):
                            f"data.train_dir={tmp_path}/missing"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: data.train_dir")
     assert proc.stderr.strip().count("\n") == 0
+
+
+def test_text_overrides_are_taken_literally():
+    """A path may hold ' #', ': ' and spaces: YAML would cut '/runs/run #2' at the comment (and a run with
+    train.resume=auto would then continue someone else's run in /runs/run)."""
+    cfg = load_config(None, ["train.out_dir=/runs/run #2", "data.train_dir=/data/a: b/c d", "train.resume=none",
+                             "optim.base_lr=null", "data.global_scale=[0.2, 1]", "train.epochs=17", "data.backend=synthetic"])
+    assert cfg.train.out_dir == "/runs/run #2" and cfg.data.train_dir == "/data/a: b/c d"
+    assert cfg.train.resume == "none" and cfg.optim.base_lr is None and cfg.data.global_scale == [0.2, 1.0]
+    assert cfg.train.epochs == 17 and cfg.data.backend == "synthetic"
+    with pytest.raises(ConfigError, match="'data.backend': 'dali #fast' is not one of"):
+        load_config(None, ["data.backend=dali #fast"])
+
+
+@pytest.mark.parametrize("text, key, lines", [
+    ("train:\n  epochs: 3\n  seed: 1\n  epochs: 5\n", "epochs", (2, 4)),
+    ("train:\n  precision: fp32\nmodel:\n  arch: resnet18\ntrain:\n  epochs: 2\n", "train", (1, 5)),
+])
+def test_a_duplicate_key_or_section_is_one_error_naming_both_lines(tmp_path, text, key, lines):
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert f"'{key}' appears twice" in message and f"lines {lines[0]} and {lines[1]}" in message
+    assert str(path) in message and "\n" not in message
+
+
+def test_a_config_that_is_not_utf8_or_is_a_folder_is_one_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("# réglages\ntrain:\n  epochs: 3\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"is not UTF-8 text \(byte 0xe9 on line 1\); save it as UTF-8"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_config(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "wcl_fast.train", "--config", str(path)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "UTF-8" in proc.stderr

@@ -36,8 +36,36 @@ _Loader.yaml_implicit_resolvers = {key: [(tag, rx) for tag, rx in value if tag !
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
 
 
+class DuplicateKey(ValueError):
+    """A mapping of a YAML document names the same key twice: (key, first line, second line), 1-based."""
+
+    def __init__(self, key, first: int, second: int):
+        super().__init__(key, first, second)
+        self.key, self.first, self.second = key, first, second
+
+
+def _construct_mapping(loader, node, deep=False):
+    """PyYAML keeps the last of two equal keys silently (a second `train:` section replaces the first
+    whole); here they are an error naming the key and both lines."""
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            hash(key)
+        except TypeError:
+            continue  # PyYAML reports unhashable keys itself
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise DuplicateKey(key, seen[key], line)
+        seen[key] = line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
 def parse_yaml(text: str):
-    """yaml.safe_load with YAML 1.2 floats (see _Loader)."""
+    """yaml.safe_load with YAML 1.2 floats and no duplicate keys (see _Loader, DuplicateKey)."""
     return yaml.load(text, Loader=_Loader)
 
 
@@ -467,15 +495,48 @@ def _apply(obj, values: dict, prefix: str) -> None:
             setattr(obj, key, _coerce(full, value, hints[key]))
 
 
+def _field_type(keys: list[str]):
+    """The annotation of the config key `keys` (e.g. ['train', 'out_dir'] -> str), or None if there is none."""
+    cls = Config
+    for depth, key in enumerate(keys):
+        hints = typing.get_type_hints(cls)
+        if key not in hints:
+            return None
+        tp = hints[key]
+        if depth == len(keys) - 1:
+            return tp
+        if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
+            return None
+        cls = tp
+    return None
+
+
+def _is_text(tp) -> bool:
+    """str, a Literal of strings or an Optional of those: a value taken literally from the command line."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return len(args) == 1 and _is_text(args[0])
+    if origin is Literal:
+        return all(isinstance(a, str) for a in typing.get_args(tp))
+    return tp is str
+
+
 def _parse_override(text: str) -> tuple[list[str], object]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form key=value (e.g. train.epochs=100)")
     key, raw = text.split("=", 1)
+    keys = key.strip().split(".")
+    tp = _field_type(keys)
+    if tp is not None and _is_text(tp) and not (raw in ("null", "~") and type(None) in typing.get_args(tp)):
+        return keys, raw  # literally: paths may hold ' #', ': ', spaces, quotes
     try:
         value = parse_yaml(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
-    return key.strip().split("."), value
+    except DuplicateKey as dup:
+        raise ConfigError(f"override '{text}': the key '{dup.key}' appears twice in its value") from None
+    return keys, value
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -483,14 +544,26 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     cfg = Config()
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file '{path}' is a folder; pass a YAML file, e.g. --config configs/<experiment>.yaml")
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist; pass --config configs/<experiment>.yaml")
+        data = path.read_bytes()
         try:
-            values = parse_yaml(path.read_text()) or {}
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = data[:exc.start].count(b"\n") + 1
+            raise ConfigError(f"config file '{path}' is not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); "
+                              f"save it as UTF-8") from None
+        try:
+            values = parse_yaml(text) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""
             raise ConfigError(f"config file '{path}'{where} is not valid YAML; fix its syntax") from None
+        except DuplicateKey as dup:
+            raise ConfigError(f"config file '{path}': the key '{dup.key}' appears twice in one section (lines "
+                              f"{dup.first} and {dup.second}); keep one") from None
         if not isinstance(values, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections (data:, model:, ...)")
         _apply(cfg, values, "")
