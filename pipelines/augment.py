@@ -8,8 +8,12 @@ kernel, reflect padding, as torchvision.transforms.functional.gaussian_blur), ho
 flip_p, then normalisation. Every random choice is one [n, NUM_PARAMS] vector per crop, made on the
 CPU either from a torch.Generator (draw_params) or from keyed uniforms of (seed, epoch, sample index,
 crop slot) (keyed_params: what the FFCV loader uses), and reaches the device in one copy without a host
-sync; the ops have no data-dependent shapes on CUDA. On the CPU, augment_views hands the same vector
-to the fused numba kernel of pipelines/cpu_augment.py (equal within 1e-4, several times faster).
+sync. augment_views hands the same vector, on CUDA, to the fused Triton kernel of
+pipelines/augment_triton.py (two launches per call; docs/loaders.md, "Fused GPU augmentation") and, on
+the CPU, to the fused numba kernel of pipelines/cpu_augment.py (both equal to these tensor ops within
+1e-4). The tensor ops themselves (apply_params) are the reference the kernels are tested against; with
+where=True (the default on CUDA) they run as on a GPU, every operation over the whole batch and
+selected per crop with torch.where, without data-dependent shapes.
 """
 from __future__ import annotations
 
@@ -75,10 +79,10 @@ def gaussian_blur(x, sigma):
     return y.view(n, c, h, w)
 
 
-def _apply_where(x, mask, op, arg):
-    """x with op(x, arg) on the rows where mask [N] is True. On CUDA: computed for all rows and selected
-    (no data-dependent shapes, no host sync); on the CPU only the selected rows are computed."""
-    if x.device.type == "cuda":
+def _apply_where(x, mask, op, arg, where: bool | None = None):
+    """x with op(x, arg) on the rows where mask [N] is True. where=True (default on CUDA): computed for all
+    rows and selected (no data-dependent shapes, no host sync); else only the selected rows are computed."""
+    if (x.device.type == "cuda") if where is None else where:
         return torch.where(mask.view(-1, 1, 1, 1), op(x, arg), x)
     rows = mask.nonzero().flatten()
     if rows.numel():
@@ -140,9 +144,9 @@ def keyed_params(seed: int, epoch: int, index, slots, recipe) -> torch.Tensor:
     return params_from_uniforms(torch.from_numpy(u).float(), recipe)
 
 
-def apply_params(x: torch.Tensor, p: torch.Tensor, mean, std) -> torch.Tensor:
-    """Batched tensor ops: float [n, 3, S, S] in [0, 1] and params [n, NUM_PARAMS] on x's device ->
-    augmented, normalised, channels-last."""
+def apply_params(x: torch.Tensor, p: torch.Tensor, mean, std, where: bool | None = None) -> torch.Tensor:
+    """Batched tensor ops: float [n, 3, H, W] in [0, 1] and params [n, NUM_PARAMS] on x's device ->
+    augmented, normalised, channels-last. where: see _apply_where (None: True on CUDA)."""
     from pipelines import crop_params as P
 
     device = x.device
@@ -152,9 +156,9 @@ def apply_params(x: torch.Tensor, p: torch.Tensor, mean, std) -> torch.Tensor:
     ops = (brightness, contrast, saturation, hue)
     for slot in range(4):
         for op_id, op in enumerate(ops):
-            x = _apply_where(x, jitter_on & (order[:, slot] == op_id), op, factors[op_id])
-    x = _apply_where(x, p[:, P.P_GRAY] > 0.5, lambda v, _: gray(v).expand_as(v).contiguous(), factors[0])
-    x = _apply_where(x, p[:, P.P_BLUR] > 0.5, gaussian_blur, p[:, P.P_SIGMA].contiguous())
+            x = _apply_where(x, jitter_on & (order[:, slot] == op_id), op, factors[op_id], where)
+    x = _apply_where(x, p[:, P.P_GRAY] > 0.5, lambda v, _: gray(v).expand_as(v).contiguous(), factors[0], where)
+    x = _apply_where(x, p[:, P.P_BLUR] > 0.5, gaussian_blur, p[:, P.P_SIGMA].contiguous(), where)
     x = torch.where((p[:, P.P_FLIP] > 0.5).view(-1, 1, 1, 1), x.flip(3), x)
     mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
@@ -162,12 +166,19 @@ def apply_params(x: torch.Tensor, p: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 def augment_views(views: list[torch.Tensor], recipe, mean, std, generator: torch.Generator | None = None,
-                  impl: str = "auto", threads: int | None = None, params: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 crops [b, S, S, 3] per view -> augmented, normalised float [V*b, 3, S, S] (channels-last),
-    view-major. impl "torch": batched tensor ops on the views' device (the GPU path); "fused": the
-    numba kernel of pipelines/cpu_augment.py (CPU tensors only); "auto": fused on the CPU when numba is
-    installed, torch otherwise. Both make the same random choices: `params` ([V*b, NUM_PARAMS], e.g.
-    keyed_params) or, without them, draw_params from `generator`."""
+                  impl: str = "auto", threads: int | None = None, params: torch.Tensor | None = None,
+                  dtype: torch.dtype = torch.float32, quantize: bool = False, radius: int = BLUR_RADIUS,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 crops [b, S, S, 3] per view -> augmented, normalised `dtype` (float32, bfloat16 or float16)
+    [V*b, 3, S, S] (channels-last), view-major. impl "triton": the fused Triton kernel of
+    pipelines/augment_triton.py (CUDA; CPU tensors under TRITON_INTERPRET=1); "torch": batched tensor ops
+    on the views' device (the reference); "fused": the numba kernel of pipelines/cpu_augment.py (CPU
+    tensors only); "auto": triton on CUDA when Triton is installed, fused on the CPU when numba is, torch
+    otherwise. All make the same random choices: `params` ([V*b, NUM_PARAMS], e.g. keyed_params) or,
+    without them, draw_params from `generator`. quantize / radius: the fused kernels' options (floors
+    after brightness, contrast and saturation; blur window 2 radius + 1, or 2 ceil(3 sigma) + 1 per crop
+    with radius=0: the DALI graph's semantics with quantize=True, radius=0); the tensor ops have only the
+    defaults. out: a channels-last [V*b, 3, S, S] tensor to write (its dtype is the output's)."""
     from pipelines import cpu_augment as C
     from pipelines import crop_params as P
 
@@ -180,11 +191,37 @@ def augment_views(views: list[torch.Tensor], recipe, mean, std, generator: torch
     elif tuple(params.shape) != (n, P.NUM_PARAMS):
         raise ValueError(f"params: expected shape ({n}, {P.NUM_PARAMS}), got {tuple(params.shape)}")
     p = params
+    if out is not None:
+        dtype = out.dtype
     if impl == "auto":
-        impl = "fused" if device.type == "cpu" and C.available() else "torch"
+        if device.type == "cuda":
+            impl = "triton" if _triton_available() else "torch"
+        else:
+            impl = "fused" if device.type == "cpu" and C.available() else "torch"
+    if impl == "triton":
+        from pipelines.augment_triton import augment_crops_triton
+
+        return augment_crops_triton(views, p, mean, std, quantize=quantize, radius=radius, dtype=dtype, out=out)
     if impl == "fused":
-        return C.augment_crops(views, p.numpy(), mean, std, quantize=False, radius=BLUR_RADIUS, threads=threads)
-    if impl != "torch":
-        raise ValueError(f"impl: unknown {impl!r}; choose auto, torch or fused")
-    x = torch.cat(views).permute(0, 3, 1, 2).float().div_(255.0)  # view-major, channels-last strides
-    return apply_params(x, _dev(p, device), mean, std)
+        result = C.augment_crops(views, p.numpy(), mean, std, quantize=quantize, radius=radius, threads=threads)
+    elif impl == "torch":
+        if quantize or radius != BLUR_RADIUS:
+            raise ValueError(f"impl='torch' has no quantize and only the {2 * BLUR_RADIUS + 1}-tap blur window; "
+                             "use impl='fused' or 'triton'")
+        x = torch.cat(views).permute(0, 3, 1, 2).float().div_(255.0)  # view-major, channels-last strides
+        result = apply_params(x, _dev(p, device), mean, std)
+    else:
+        raise ValueError(f"impl: unknown {impl!r}; choose auto, triton, torch or fused")
+    if out is not None:
+        if tuple(out.shape) != tuple(result.shape):
+            raise ValueError(f"out: expected shape {tuple(result.shape)}, got {tuple(out.shape)}")
+        return out.copy_(result)
+    return result if dtype == torch.float32 else result.to(dtype)
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
