@@ -81,28 +81,23 @@ def _op_count(fn) -> int:
     return Counter.count
 
 
-def run(cfg, steps: int, warmup: int, rounds: int, scaling: float) -> dict:
+def _setup(cfg, ctx):
+    """The trainer's pieces for one device, seeded: (model, LARS at lr 0.1, autocast, a batch of random crops
+    of data.batch_size images, the objective)."""
     from pipelines.batch import MultiCropBatch
-    from wcl_fast import dist as wdist
-    from wcl_fast.model import build_model
     from wcl_fast import objectives
+    from wcl_fast.model import build_model
     from wcl_fast.optim import build_optimizer
     from wcl_fast.runtime import autocast_dtype, memory_format
-    from wcl_fast.train import train_step
 
-    ctx = wdist.init_distributed()
-    device = ctx.device
+    device, b = ctx.device, cfg.data.batch_size
     torch.manual_seed(cfg.train.seed)
-    b = cfg.data.batch_size
     fmt = memory_format(cfg.model.channels_last)
     model = build_model(cfg.model, two_heads=objectives.two_heads(cfg)).to(device, memory_format=fmt)
-    if cfg.model.compile:
-        model.net.compile(mode=cfg.model.compile)
     optimizer = build_optimizer(model, cfg.optim, skip_nonfinite=cfg.train.max_bad_steps > 0)
     for group in optimizer.param_groups:
         group["lr"] = 0.1
-    dtype = autocast_dtype(cfg.train.precision)
-    autocast = objectives.autocast_factory(device, dtype)
+    autocast = objectives.autocast_factory(device, autocast_dtype(cfg.train.precision))
     globals_ = torch.randn(2 * b, 3, cfg.data.global_size, cfg.data.global_size, device=device).contiguous(memory_format=fmt)
     locals_ = None
     if cfg.data.local_crops:
@@ -113,6 +108,20 @@ def run(cfg, steps: int, warmup: int, rounds: int, scaling: float) -> dict:
     if cfg.loss.objective == "clinfonce" and getattr(objective, "table", None) is None:
         k = min(cfg.loss.clinfonce.kmeans_k, b)
         objective.table = torch.randint(0, k, (max(b, cfg.loss.clinfonce.kmeans_k),), device=device)
+    return model, optimizer, autocast, batch, objective
+
+
+def run(cfg, steps: int, warmup: int, rounds: int, scaling: float) -> dict:
+    from wcl_fast import dist as wdist
+    from wcl_fast.train import train_step
+
+    ctx = wdist.init_distributed()
+    device = ctx.device
+    b = cfg.data.batch_size
+    model, optimizer, autocast, batch, objective = _setup(cfg, ctx)
+    if cfg.model.compile:
+        model.net.compile(mode=cfg.model.compile)
+    globals_, locals_ = batch.globals, batch.locals
     counter = {"step": 0}
 
     def encoder_step():
@@ -163,15 +172,10 @@ def run(cfg, steps: int, warmup: int, rounds: int, scaling: float) -> dict:
 
 def run_plans(cfg, texts: list[str], steps: int, warmup: int, rounds: int, gpu_memory: float | None) -> dict:
     """The full step under each activation-checkpointing plan, side by side (see the module docstring)."""
-    from pipelines.batch import MultiCropBatch
     from wcl_fast import dist as wdist
-    from wcl_fast import objectives
     from wcl_fast import plan as wplan
     from wcl_fast.config import ConfigError, parse_checkpointing
     from wcl_fast.memory import GiB, trace_step
-    from wcl_fast.model import build_model
-    from wcl_fast.optim import build_optimizer
-    from wcl_fast.runtime import autocast_dtype, memory_format
     from wcl_fast.train import train_step
 
     ctx = wdist.init_distributed()
@@ -188,22 +192,7 @@ def run_plans(cfg, texts: list[str], steps: int, warmup: int, rounds: int, gpu_m
             plans.append(("auto", wplan.choose_plan(cfg, 1, budget).checkpointing))
         else:
             plans.append((text, parse_checkpointing(text, cfg.model.arch)))
-    torch.manual_seed(cfg.train.seed)
-    fmt = memory_format(cfg.model.channels_last)
-    model = build_model(cfg.model, two_heads=objectives.two_heads(cfg)).to(device, memory_format=fmt)
-    optimizer = build_optimizer(model, cfg.optim, skip_nonfinite=cfg.train.max_bad_steps > 0)
-    for group in optimizer.param_groups:
-        group["lr"] = 0.1
-    autocast = objectives.autocast_factory(device, autocast_dtype(cfg.train.precision))
-    globals_ = torch.randn(2 * b, 3, cfg.data.global_size, cfg.data.global_size, device=device).contiguous(memory_format=fmt)
-    locals_ = None
-    if cfg.data.local_crops:
-        locals_ = torch.randn(cfg.data.local_crops * b, 3, cfg.data.local_size, cfg.data.local_size,
-                              device=device).contiguous(memory_format=fmt)
-    batch = MultiCropBatch(globals_, locals_, torch.arange(b, device=device), torch.zeros(b, dtype=torch.int64, device=device))
-    objective = objectives.build_objective(cfg, model, ctx, max(b, cfg.loss.clinfonce.kmeans_k))
-    if cfg.loss.objective == "clinfonce" and getattr(objective, "table", None) is None:
-        objective.table = torch.randint(0, min(cfg.loss.clinfonce.kmeans_k, b), (max(b, cfg.loss.clinfonce.kmeans_k),), device=device)
+    model, optimizer, autocast, batch, objective = _setup(cfg, ctx)
     counter = {"step": 0}
 
     def step():
