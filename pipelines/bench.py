@@ -13,10 +13,12 @@ one GPU of an 8-GPU node at the compute-limited ImageNet epoch (95 s on H100, 19
 2 x 224 + 6 x 96 crops). The ffcv rows read <data>.beton (converted once, jpg, max resolution 512); ffcv8 is
 the same FFCV pipeline decoding the JPEG again for every crop (the cost of 8 decoders); the -crop
 rows stop after FFCV's decode + crop stage (no tensor augmentations). Augmentations run where each
-loader runs them by default (GPU: DALI graph / batched tensor ops; CPU: the fused kernel of
-pipelines/cpu_augment.py); dali-graph and ffcv-torch force the GPU-style path on any device.
-Every backend gets the same folder, batch, recipe and number of workers/threads; one warm-up batch is
-excluded. Prints a table and JSON.
+loader runs them by default (GPU: pipelines.augment.augment_views after DALI's decode and resize /
+batched tensor ops after FFCV's; CPU: the fused kernel of pipelines/cpu_augment.py); dali-host forces
+data.dali_augment=host (the fused CPU kernel, also with a GPU), ffcv-torch the tensor ops on any device.
+The dali rows also give the operator count of the DALI graph (decode + one resize per crop slot, the
+same for any batch size). Every backend gets the same folder, batch, recipe and number of workers/threads;
+one warm-up batch is excluded. Prints a table and JSON.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ import torch
 
 from pipelines.batch import current_device, current_device_id
 
-BACKENDS = ("reference", "auto", "dali", "dali-graph", "ffcv", "ffcv-torch", "ffcv8", "ffcv-crop", "ffcv8-crop")
+BACKENDS = ("reference", "auto", "dali", "dali-host", "ffcv", "ffcv-torch", "ffcv8", "ffcv-crop", "ffcv8-crop")
 
 
 def write_bench_images(root: Path, count: int = 256, size=(500, 375)) -> Path:
@@ -111,11 +113,11 @@ def build(backend: str, cfg):
         from pipelines.pil import build_train_loader
 
         return build_train_loader(cfg, 0, 0, 1, pin_memory=torch.cuda.is_available())
-    if backend in ("dali", "dali-graph"):  # dali-graph: the augmentations inside the DALI graph also on the CPU
+    if backend in ("dali", "dali-host"):  # dali-host: DALI's crops augmented by the fused CPU kernel, also on a GPU
         from pipelines.dali import DaliMultiCropLoader
 
         device_id = current_device_id()
-        return DaliMultiCropLoader(cfg, 0, 0, 1, device_id, augment="graph" if backend == "dali-graph" else None)
+        return DaliMultiCropLoader(cfg, 0, 0, 1, device_id, augment="host" if backend == "dali-host" else None)
     if backend.startswith("ffcv"):  # ffcv8: decoding once per crop (8 decodes); -crop: no tensor augmentations
         from dataclasses import replace
 
@@ -159,6 +161,9 @@ def measure(backend: str, cfg, batches: int) -> dict:
         done += 1
     if hasattr(it, "close"):
         it.close()  # the loader's helper threads finish before the next backend is measured
+    operators = getattr(loader, "operator_count", None)  # the DALI graph's
+    if hasattr(loader, "close"):
+        loader.close()
     del it, loader
     gc.collect()
     measured = sum(times[1:])  # the first batch (worker start-up, graph build) is excluded
@@ -172,6 +177,8 @@ def measure(backend: str, cfg, batches: int) -> dict:
             "cores_per_gpu": {card: per_gpu_target(card) / per_core for card in ("H100", "A100")}}
     if chosen is not None:
         row["chosen"] = chosen
+    if operators is not None:
+        row["dali_operators"] = operators
     return row
 
 
@@ -232,9 +239,14 @@ def _main(argv=None) -> int:
         name = f"auto->{row['chosen']}" if "chosen" in row else row["backend"]
         print(f"{name:<16}{row['samples_per_s']:>11.1f}{row['samples_per_s_per_core']:>10.1f}{row['us_per_crop']:>10.0f}"
               f"{ratio:>14}{row['cores_per_gpu']['H100']:>16.1f}{row['cores_per_gpu']['A100']:>7.1f}")
+    for row in rows:
+        if "dali_operators" in row:
+            crops = 2 + args.local_crops
+            print(f"{row['backend']}: DALI graph: {row['dali_operators']} operators (decoder + {crops} crop slots of "
+                  f"ROI input and resize; the same for any batch size)")
     print(f"cores/GPU: CPU cores at this per-core rate to feed one GPU of an 8-GPU node at the compute-limited "
           f"ImageNet epoch ({per_gpu_target('H100'):.0f} samples/s per H100, {per_gpu_target('A100'):.0f} per A100); "
-          f"on a GPU, DALI's mixed decoder and graph move most of that work onto the GPU")
+          f"on a GPU, DALI's mixed decoder (nvJPEG) and the fused augmentation kernel move most of that work onto the GPU")
     result = {"recipe": recipe, "device": device, "workers": args.workers, "data": str(data), "rows": rows}
     print(json.dumps(result))
     if args.json:

@@ -87,9 +87,10 @@ class DataConfig:
     # writer's; ffcv-imagenet's and pipelines.convert's are image / label); the sample id is the record position
     beton_image_field: str = "image"
     beton_label_field: str = "label"
-    # backend dali: where the colour/blur/flip augmentations run. graph: inside the DALI graph (on the GPU
-    # with one); host: DALI decodes and cuts the crops, the fused CPU kernel of pipelines/cpu_augment.py
-    # augments them (fast without a GPU); auto: graph on a GPU, host on the CPU.
+    # backend dali: the DALI graph decodes and cuts the crops (nvJPEG on a GPU); the colour/blur/flip
+    # augmentations then run in the fused kernel of pipelines.augment.augment_views: auto = the Triton kernel
+    # on a GPU, the numba kernel on the CPU; host = the numba kernel on the host in any case. graph: an older
+    # name, now the same as auto (docs/loaders.md).
     dali_augment: Literal["auto", "graph", "host"] = "auto"
     os_cache: bool = True  # backend ffcv: read through the OS page cache (False: FFCV's own process cache)
     val_dir: str = ""  # ImageFolder used as the kNN / evaluation test split
@@ -344,6 +345,9 @@ class TrainConfig:
     # NaN/inf guard: a step with non-finite gradients is skipped on the device and counted; this many
     # skipped steps in a row stop the run (0 disables the guard).
     max_bad_steps: int = 20
+    # > 0: also write the resumable checkpoint inside an epoch once this many minutes have passed since the
+    # last one (a hard kill or a node failure then loses at most that much); 0: at epoch ends and on signals only
+    checkpoint_every_minutes: float = 0.0
     # GiB of memory per GPU that model.activation_checkpointing=auto plans for (python -m wcl_fast.plan;
     # docs/memory.md); 0 = what the device reports
     gpu_memory: float = 0.0
@@ -631,7 +635,8 @@ def _check_values(cfg: Config) -> None:
     for key, value in {"data.workers": cfg.data.workers, "data.local_crops": cfg.data.local_crops,
                        "data.max_decode_pixels": cfg.data.max_decode_pixels,
                        "train.stop_at_step": cfg.train.stop_at_step, "train.max_bad_steps": cfg.train.max_bad_steps,
-                       "train.gpu_memory": cfg.train.gpu_memory, "optim.warmup_epochs": cfg.optim.warmup_epochs,
+                       "train.gpu_memory": cfg.train.gpu_memory,
+                       "train.checkpoint_every_minutes": cfg.train.checkpoint_every_minutes, "optim.warmup_epochs": cfg.optim.warmup_epochs,
                        "knn.every_epochs": cfg.knn.every_epochs}.items():
         if value < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
