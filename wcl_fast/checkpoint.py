@@ -3,9 +3,11 @@
 - `atomic_save`: serialise in memory, write to a temporary file in the same directory, fsync, rename;
   a crash never leaves a partial file under the real name, and a failed write (full disk, I/O error)
   raises `CheckpointWriteError` with one line while the previous file stays intact.
-- `load_checkpoint` / `encoder_weights` / `load_weights`: read a checkpoint or a torchvision /
-  reference-code state dict, with one-line `CheckpointError`s (a `ConfigError`: exit 2 in every command)
-  that name the file and, for a model that does not fit, the first differing tensor and the keys.
+- `load_checkpoint` / `encoder_weights` / `load_weights`: read a checkpoint, a torchvision / reference-code
+  state dict or a .safetensors file, with one-line `CheckpointError`s (a `ConfigError`: exit 2 in every
+  command) that name the file and, for a model that does not fit, the first differing tensor and the keys.
+  Reading never runs code from the file: `torch.load(weights_only=True)`, plus, for checkpoints of earlier
+  versions, exactly the numpy globals their pickled RNG state needs (docs/running.md, "Safe loading").
 - `RunLock`: one live run per output folder (a POSIX record lock that dies with its process).
 """
 from __future__ import annotations
@@ -13,11 +15,18 @@ from __future__ import annotations
 import errno
 import fcntl
 import io
+import json
 import os
+import pickle
+import pickletools
 import random
+import re
+import shlex
 import socket
 import tempfile
 import time
+import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -131,34 +140,206 @@ class RunLock:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The host RNGs as tensors and plain values (python's state is a tuple of ints; numpy's as in
+    `numpy_rng_state`), so that the checkpoint loads with torch.load(weights_only=True)."""
+    state = {"python": random.getstate(), "numpy": numpy_rng_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
+def numpy_rng_state() -> dict:
+    """np.random's global generator (MT19937: 624 key words, position, cached Gaussian) without numpy
+    objects: the key as an int64 tensor (uint32 values), the rest as Python numbers."""
+    state = np.random.get_state(legacy=False)
+    return {"bit_generator": state["bit_generator"], "key": torch.from_numpy(state["state"]["key"].astype(np.int64)),
+            "pos": int(state["state"]["pos"]), "has_gauss": int(state["has_gauss"]), "gauss": float(state["gauss"])}
+
+
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    saved = state["numpy"]
+    if isinstance(saved, dict):  # numpy_rng_state(); earlier checkpoints hold np.random.get_state()'s tuple
+        saved = {"bit_generator": saved["bit_generator"], "has_gauss": saved["has_gauss"], "gauss": saved["gauss"],
+                 "state": {"key": saved["key"].numpy().astype(np.uint32), "pos": saved["pos"]}}
+    np.random.set_state(saved)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# ---- reading files: weights only --------------------------------------------------------------------------
+
+# Checkpoints of earlier wcl-fast versions pickled np.random.get_state(): ('MT19937', a uint32 ndarray, ints,
+# a float). Unpickling that array needs these numpy globals and nothing else; they are allowed only while
+# reading such a file (never globally), next to torch's own weights-only allowlist. numpy < 2 writes the
+# reconstructor as numpy.core.multiarray._reconstruct, numpy >= 2 as numpy._core.multiarray._reconstruct.
+LEGACY_RNG_GLOBALS = ("numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct", "numpy.ndarray",
+                      "numpy.dtype", "numpy.dtypes.UInt32DType")
+
+
+def _legacy_rng_allowlist() -> list:
+    reconstruct = np.zeros(1).__reduce__()[0]  # the function numpy pickles arrays with, whatever its module
+    uint32 = type(np.dtype(np.uint32))  # the class a uint32 dtype is rebuilt as (numpy.dtypes.UInt32DType)
+    return [(reconstruct, LEGACY_RNG_GLOBALS[0]), (reconstruct, LEGACY_RNG_GLOBALS[1]), (np.ndarray, LEGACY_RNG_GLOBALS[2]),
+            (np.dtype, LEGACY_RNG_GLOBALS[3]), (uint32, LEGACY_RNG_GLOBALS[4])]
+
+
+def _refused_global(message: str) -> str | None:
+    """The global torch's weights-only unpickler refused, from its message ('Unsupported global: GLOBAL
+    posix.system ...', '... GLOBAL posix.system whose module posix is blocked'); builtins are named bare."""
+    match = re.search(r"GLOBAL ([\w.]+)", message)
+    if match is None:
+        return None
+    return match[1] if "." in match[1] else f"builtins.{match[1]}"
+
+
+def pickle_globals(path: Path) -> list[str]:
+    """The globals ('module.name') the pickles of a torch.save file name, in order, read without unpickling
+    (pickletools' opcode stream); best effort, for naming what a refused file asks for."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                streams = [io.BytesIO(archive.read(name)) for name in archive.namelist() if name.endswith("data.pkl")]
+        else:
+            streams = [open(path, "rb")]  # read as far as the pickles go, not the tensor data after them
+    except (OSError, zipfile.BadZipFile):
+        return []
+    found = []
+    for stream in streams:
+        for _ in range(4):  # the legacy (non-zip) format: magic number, protocol, system info, then the object
+            memo, strings = {}, []
+            try:
+                for opcode, arg, _ in pickletools.genops(stream):
+                    if opcode.name == "GLOBAL":
+                        found.append(arg.replace(" ", "."))
+                    elif opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"):
+                        strings.append(arg)
+                    elif opcode.name == "MEMOIZE" and strings:
+                        memo[len(memo)] = strings[-1]
+                    elif opcode.name in ("PUT", "BINPUT", "LONG_BINPUT") and strings:
+                        memo[arg] = strings[-1]
+                    elif opcode.name in ("GET", "BINGET", "LONG_BINGET") and arg in memo:
+                        strings.append(memo[arg])
+                    elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        found.append(f"{strings[-2]}.{strings[-1]}")
+            except Exception:  # not a pickle (any more): the tensor data of the legacy format
+                break
+        stream.close()
+    return list(dict.fromkeys(found))
+
+
+def conversion_command(path: Path) -> tuple[str, Path]:
+    """The explicit step a user who trusts `path` runs to keep only its tensors (the model's state dict)
+    in a file wcl-fast reads with weights only; returns (shell command, the file it writes)."""
+    out = path.with_name(f"{path.stem}.weights.pt")
+    code = (f"import torch; s = torch.load({json.dumps(str(path))}, map_location=\"cpu\", weights_only=False); "
+            f's = s.get("model", s.get("state_dict", s)); '
+            f"torch.save({{k: v for k, v in s.items() if torch.is_tensor(v)}}, {json.dumps(str(out))})")
+    return f"python -c {shlex.quote(code)}", out
+
+
+def refusal(path: Path, asked: str) -> CheckpointError:
+    command, out = conversion_command(path)
+    return CheckpointError(f"checkpoint '{path}' asks to run '{asked}' when loaded; wcl-fast loads weights only and "
+                           f"did not run it. If you trust the file, keep only its model tensors with: {command} and use "
+                           f"'{out}' (knn, linear, finetune and export read it; a run cannot resume from it)")
+
+
+def _reason(exc: Exception) -> str:
+    """The cause in torch's long weights-only message (its last line before the documentation link)."""
+    text = str(exc).split("Check the documentation of torch.load")[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1].removeprefix("WeightsUnpickler error:").strip() if lines else ""
+
+
+def _asked_global(path: Path, exc: Exception) -> str | None:
+    """The global a refused pickle asks for: from torch's message or, where torch stops at an opcode it does
+    not read (protocol 4's FRAME, STACK_GLOBAL), the first global outside torch's own of a static scan."""
+    asked = _refused_global(_reason(exc))
+    if asked is None:
+        torch_own = ("torch.", "collections.OrderedDict", "_codecs.encode")  # tensors, state dicts, protocol-2 bytes
+        outside = [name for name in pickle_globals(path)
+                   if not name.startswith(torch_own) and name not in LEGACY_RNG_GLOBALS]
+        asked = outside[0] if outside else None
+    return asked
+
+
+def _torch_load(path: Path):
+    with warnings.catch_warnings():  # a pickle protocol other than torch's: the refusal (or error) says enough
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _weights_only_load(path: Path):
+    """torch.load with weights_only=True; for a checkpoint of an earlier version, the same with the numpy
+    globals of its RNG state allowed too. A pickle that asks for anything else: one CheckpointError naming
+    it (nothing of it runs); one torch cannot read otherwise: torch's error."""
+    try:
+        return _torch_load(path)
+    except pickle.UnpicklingError as exc:
+        asked = _asked_global(path, exc)
+        if asked is None:
+            raise
+        if asked not in LEGACY_RNG_GLOBALS:
+            raise refusal(path, asked) from None
+    try:
+        with torch.serialization.safe_globals(_legacy_rng_allowlist()):
+            return _torch_load(path)
+    except pickle.UnpicklingError as exc:
+        asked = _asked_global(path, exc)
+        if asked is None:
+            raise
+        raise refusal(path, asked) from None
+
+
+def is_safetensors(path: Path) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then the JSON header ('{'); torch.save
+    files start with 'PK' (zip) or a pickle's 0x80."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= 100 * 2**20
+
+
+def _load_safetensors(path: Path) -> dict:
+    """The tensors of a .safetensors file (export --format safetensors), with the model section of the
+    run that wrote it (its metadata) as state['config']['model'] for the mismatch messages."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    state = load_file(path, device="cpu")
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    try:
+        model = json.loads(metadata.get("wcl_fast.model", "null"))
+    except ValueError:
+        model = None
+    if isinstance(model, dict):
+        state["config"] = {"model": model}
+    return state
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint (or any torch.save'd dict) on the CPU; one CheckpointError if it is missing,
-    empty, truncated, not a PyTorch file or not a dict."""
+    """Load a checkpoint (a torch.save'd dict or a .safetensors file) on the CPU without running code from
+    it; one CheckpointError if it is missing, empty, truncated, not a PyTorch / safetensors file, not a
+    dict, or asks to run anything (named)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist (or is not a file); check the path")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint '{path}' is empty (0 bytes): an interrupted copy or write; copy it again")
+    safetensors = False
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        safetensors = is_safetensors(path)
+        state = _load_safetensors(path) if safetensors else _weights_only_load(path)
+    except CheckpointError:
+        raise
     except Exception as exc:  # torch raises many types for a damaged file: RuntimeError, EOFError, UnpicklingError
-        detail = str(exc).strip().splitlines()[0][:100] if str(exc).strip() else ""
+        text = _reason(exc) if isinstance(exc, pickle.UnpicklingError) else str(exc).strip()
+        detail = text.splitlines()[0][:100] if text else ""
+        kind = "safetensors" if safetensors else "PyTorch"
         raise CheckpointError(f"checkpoint '{path}' could not be read ({type(exc).__name__}{': ' + detail if detail else ''}); "
-                              f"it is truncated, damaged or not a PyTorch file") from None
+                              f"it is truncated, damaged or not a {kind} file") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint '{path}' holds a {type(state).__name__}, not a dict of tensors")
     return state

@@ -6,6 +6,11 @@
     ... --format timm --out resnet50_wcl_timm.pth
         the same tensors (timm's ResNet uses torchvision's names):
         timm.create_model('resnet50', num_classes=0).load_state_dict(torch.load(out)) loads strictly.
+    ... --format safetensors --out resnet50_wcl.safetensors
+        the same tensors as a safetensors file (no pickle: loading it cannot run code); prints its sha256
+        and writes resnet50_wcl.safetensors.sha256 beside it (sha256sum -c format). knn, linear and
+        finetune read it as their checkpoint; torchvision: load_state_dict(safetensors.torch.load_file(out),
+        strict=False).
     ... --format detectron2 --out resnet50_wcl.pkl
         the pickled dict detectron2's DetectionCheckpointer reads (numpy arrays in detectron2's ResNet
         names, matching_heuristics): MODEL.WEIGHTS resnet50_wcl.pkl with MODEL.RESNETS.STRIDE_IN_1X1
@@ -16,17 +21,21 @@
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import pickle
 import re
 import sys
 from pathlib import Path
+
+import torch
 
 from wcl_fast.checkpoint import CheckpointWriteError, atomic_save, encoder_weights, load_checkpoint
 from wcl_fast.cli import ArgumentParser, command
 from wcl_fast.config import ConfigError
 
 OFFICIAL_PREFIXES = ("module.net.", "module.head1.", "module.head2.")
-FORMATS = ("torchvision", "timm", "detectron2")
+FORMATS = ("torchvision", "timm", "safetensors", "detectron2")
 
 
 def detectron2_key(key: str) -> str | None:
@@ -61,6 +70,27 @@ def detectron2_checkpoint(encoder: dict) -> dict:
     return {"model": model, "__author__": "wcl-fast", "matching_heuristics": True}
 
 
+def safetensors_bytes(encoder: dict, model_cfg: dict | None) -> bytes:
+    """The encoder's tensors as a safetensors file (contiguous copies: a channels-last run's weights are
+    not contiguous, and safetensors refuses tensors that share memory), the run's model section in the
+    metadata (read back by wcl_fast.checkpoint for its mismatch messages)."""
+    from safetensors.torch import save
+
+    tensors = {key: value.detach().clone(memory_format=torch.contiguous_format) for key, value in encoder.items()}
+    metadata = {"format": "pt", "layout": "torchvision"}
+    if isinstance(model_cfg, dict):
+        metadata["wcl_fast.model"] = json.dumps(model_cfg, default=str)
+    return save(tensors, metadata)
+
+
+def write_sha256(data: bytes, out: Path) -> str:
+    """sha256 of `data` (the file written to `out`), also written to `<out>.sha256` in sha256sum's format
+    ('<hex>  <name>'; `sha256sum -c` checks it from the same folder)."""
+    digest = hashlib.sha256(data).hexdigest()
+    atomic_save(f"{digest}  {out.name}\n".encode(), out.with_name(out.name + ".sha256"), lambda text: text)
+    return digest
+
+
 def encoder_state_dict(model_state: dict) -> dict:
     """torchvision ResNet keys (conv1.*, bn1.*, layerN.*) of a WCLModel state dict (keys net.*)."""
     encoder = {key[len("net."):]: value for key, value in model_state.items() if key.startswith("net.")}
@@ -92,17 +122,22 @@ def main(argv=None) -> int:
     if args.format == "detectron2" and not args.out.endswith(".pkl"):
         raise ConfigError(f"--out: '{args.out}' must end in .pkl for --format detectron2 (detectron2 reads its "
                           f"pickled layout only from .pkl files)")
+    if args.format == "safetensors" and not args.out.endswith(".safetensors"):
+        raise ConfigError(f"--out: '{args.out}' must end in .safetensors for --format safetensors")
     if args.official and args.format != "torchvision":
         raise ConfigError("--format applies to --checkpoint exports; --official converts to the wcl-fast layout")
     try:
         if args.checkpoint:
             state = load_checkpoint(args.checkpoint)
             out = encoder_weights(state, args.checkpoint)
-            if state.get("config", {}).get("model", {}).get("stem") == "small":
+            model_cfg = state.get("config", {}).get("model") if isinstance(state.get("config"), dict) else None
+            if (model_cfg or {}).get("stem") == "small":
                 print(f"note: this encoder has the small-image stem; {args.format}'s ResNet conv1 shape differs",
                       file=sys.stderr)
             if args.format == "detectron2":
                 out = detectron2_checkpoint(out)
+            if args.format == "safetensors":
+                out = safetensors_bytes(out, model_cfg)
         else:
             out = {"model": import_official(load_checkpoint(args.official))}
     except (ValueError, KeyError) as exc:  # ConfigError / CheckpointError: the @command wrapper (exit 2)
@@ -110,12 +145,14 @@ def main(argv=None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    serialise = {"detectron2": pickle.dumps, "safetensors": lambda data: data}.get(args.format)
     try:
-        atomic_save(out, Path(args.out), pickle.dumps if args.format == "detectron2" else None)
+        atomic_save(out, Path(args.out), serialise)
+        digest = write_sha256(out, Path(args.out)) if args.format == "safetensors" else None
     except CheckpointWriteError as exc:
         print(f"error: {exc.strerror}", file=sys.stderr)
         return 4
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}" + (f" (sha256 {digest}, also in {args.out}.sha256)" if digest else ""))
     return 0
 
 
