@@ -91,6 +91,9 @@ def build_loader(cfg: Config, split: str, rank: int, world: int):
     if cfg.data.backend == "auto":
         resolve_backend(cfg)
     pin = torch.cuda.is_available()
+    # on a GPU the fast loaders write the crops in the model's input dtype (autocast's): half the bytes, and
+    # the same values the first convolution's autocast cast would give (round to nearest even)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32) if pin else torch.float32
     if cfg.data.backend == "reference":
         from pipelines.pil import build_train_loader
 
@@ -102,12 +105,12 @@ def build_loader(cfg: Config, split: str, rank: int, world: int):
     if cfg.data.backend == "dali":
         from pipelines.dali import build_dali_loader
 
-        return build_dali_loader(cfg.data, cfg.train.seed, rank, world)
+        return build_dali_loader(cfg.data, cfg.train.seed, rank, world, dtype)
     if cfg.data.backend == "ffcv":
         from pipelines.ffcv import FFCVMultiCropLoader
 
         device = current_device()
-        return FFCVMultiCropLoader(cfg.data, cfg.train.seed, rank, world, device)
+        return FFCVMultiCropLoader(cfg.data, cfg.train.seed, rank, world, device, dtype=dtype)
     raise ConfigError(f"data.backend: {cfg.data.backend!r} is not available; use reference, synthetic, dali or ffcv")
 
 

@@ -845,9 +845,10 @@ def _to_torch(tensor_list, device_id: int | None) -> torch.Tensor:
     return out
 
 
-def build_dali_loader(cfg: DataConfig, seed: int, rank: int, world: int) -> DaliMultiCropLoader:
+def build_dali_loader(cfg: DataConfig, seed: int, rank: int, world: int,
+                      dtype: torch.dtype = torch.float32) -> DaliMultiCropLoader:
     device_id = current_device_id()
-    return DaliMultiCropLoader(cfg, seed, rank, world, device_id)
+    return DaliMultiCropLoader(cfg, seed, rank, world, device_id, dtype=dtype)
 
 
 def build_eval_pipeline(batch_size: int, crop: int, mean, std, num_threads: int, device_id: int | None):

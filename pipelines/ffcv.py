@@ -316,12 +316,15 @@ class FFCVMultiCropLoader:
     """Same interface as the other backends: len() = steps per epoch, .epoch(e, start_step), .num_samples."""
 
     def __init__(self, cfg: DataConfig, seed: int, rank: int, world: int, device: torch.device | None = None,
-                 decode_each_crop: bool = False, augment: bool = True, augment_impl: str = "auto"):
+                 decode_each_crop: bool = False, augment: bool = True, augment_impl: str = "auto",
+                 dtype: torch.dtype = torch.float32):
         """augment=False skips the tensor augmentations (crops only, un-normalised): loader benchmarks.
-        augment_impl: pipelines.augment.augment_views' impl (auto: batched tensor ops on a GPU, the fused
-        numba kernel on the CPU; torch: tensor ops everywhere)."""
+        augment_impl: pipelines.augment.augment_views' impl (auto: the fused Triton kernel on a GPU, the fused
+        numba kernel on the CPU; torch: tensor ops everywhere). dtype: of the augmented crops (the model's
+        input dtype: the autocast dtype on a GPU)."""
         _import_ffcv()
         self.decode_each_crop, self.augment, self.augment_impl = decode_each_crop, augment, augment_impl
+        self.dtype = dtype
         self.cfg, self.seed, self.rank = cfg, seed, rank
         self.device = device or torch.device("cpu")
         self._reader = open_beton(cfg.beton, "data.beton", cfg)
@@ -380,6 +383,8 @@ class FFCVMultiCropLoader:
                 continue
             ids = np.asarray(index).reshape(-1)
             kw = dict(impl=self.augment_impl, threads=self.workers)
+            if self.dtype != torch.float32:
+                kw["dtype"] = self.dtype
             globals_ = augment_views(views[:2], global_recipe, self.cfg.mean, self.cfg.std,
                                      params=keyed_params(self.seed, epoch, ids, range(2), global_recipe), **kw)
             locals_ = (augment_views(views[2:], local_recipe, self.cfg.mean, self.cfg.std,

@@ -6,8 +6,12 @@
 #   python -m pipelines.convert --src /data/imagenet/train --out /data/imagenet/train.beton --workers 32
 #   sbatch --nodes 4 scripts/slurm_train.sh configs/imagenet_wcl_multicrop_200ep.yaml data.backend=ffcv \
 #       data.beton=/data/imagenet/train.beton data.val_dir=/data/imagenet/val
-# Requeue-safe: resume=auto continues from out_dir/checkpoint.pt (exactly, see README); SIGTERM before the
-# time limit makes every rank stop at the next log interval and write a checkpoint.
+# Time limits: SLURM sends SIGUSR1 to this batch shell 300 s before the limit (--signal=B:USR1@300; the lead
+# must cover one step, the checkpoint write and the stop's one-step agreement: a minute or two for ResNet-50
+# at 512 per GPU). The shell passes it on to the job step as SIGTERM; torchrun's agents forward it to the
+# workers, which write a checkpoint at the next step boundary, and rank 0 calls `scontrol requeue`: the same
+# job starts again and train.resume=auto continues exactly (docs/running.md). Node failures and preemption
+# requeue through --requeue.
 #SBATCH --job-name=wcl-fast
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
@@ -15,7 +19,7 @@
 #SBATCH --cpus-per-task=64
 #SBATCH --time=48:00:00
 #SBATCH --requeue
-#SBATCH --signal=TERM@300
+#SBATCH --signal=B:USR1@300
 #SBATCH --output=slurm-%x-%j.out
 set -euo pipefail
 CONFIG="${1:?usage: sbatch scripts/slurm_train.sh configs/<experiment>.yaml [key=value ...]}"
@@ -32,4 +36,15 @@ srun --kill-on-bad-exit=1 --ntasks-per-node=1 \
         --nnodes "$SLURM_NNODES" --nproc_per_node "$GPUS_PER_NODE" \
         --rdzv_backend c10d --rdzv_endpoint "$HEAD_NODE:$PORT" --rdzv_id "$SLURM_JOB_ID" \
         --max-restarts "${MAX_RESTARTS:-3}" \
-        -m wcl_fast.train --config "$CONFIG" train.resume=auto "data.backend=${BACKEND:-dali}" "$@"
+        -m wcl_fast.train --config "$CONFIG" train.resume=auto "data.backend=${BACKEND:-dali}" "$@" &
+SRUN_PID=$!
+# the time limit's SIGUSR1 (or a scancel --signal=TERM --batch): the job step gets SIGTERM (see the top)
+trap 'echo "wcl-fast: stop signal: checkpoint at the next step, then requeue"; kill -TERM "$SRUN_PID" 2>/dev/null' USR1 TERM
+set +e
+wait "$SRUN_PID"
+rc=$?
+while kill -0 "$SRUN_PID" 2>/dev/null; do  # wait was interrupted by the trap: wait for the step to end
+  wait "$SRUN_PID"
+  rc=$?
+done
+exit "$rc"

@@ -136,7 +136,7 @@ class ModelConfig:
     # per_resolution: one forward for both global views (BN statistics over 2B);
     # per_view: one forward per view as in the reference code (BN statistics per view).
     forward: Literal["per_resolution", "per_view"] = "per_resolution"
-    sync_bn: bool = True  # SyncBatchNorm when distributed on CUDA (it is CUDA-only)
+    sync_bn: bool = True  # BatchNorm over the global batch when distributed (wcl_fast/syncbn.py; CPU and CUDA)
     channels_last: bool = True
     # torch.compile of the encoder (nn.Module.compile: state-dict keys unchanged); '' = eager
     compile: Literal["", "default", "reduce-overhead", "max-autotune"] = ""

@@ -158,9 +158,10 @@ def cleanup() -> None:
 
 def wrap_model(model: torch.nn.Module, optimizer, model_cfg, ctx: DistContext):
     """Put the model (channels-last unless model.channels_last is off) and the optimizer's state on this
-    rank's device, compile the encoder (model.compile), convert to SyncBatchNorm when distributed on
-    CUDA (model.sync_bn; torch's SyncBatchNorm is CUDA-only) and wrap in DDP. Returns (model, ddp): the
-    module whose state is checkpointed, and the one the step calls (the same module on one process)."""
+    rank's device, compile the encoder (model.compile), swap every BatchNorm for wcl_fast.syncbn's
+    SyncBatchNorm when distributed (model.sync_bn; statistics of the global batch without host reads, on
+    CUDA and on the CPU) and wrap in DDP. Returns (model, ddp): the module whose state is checkpointed, and
+    the one the step calls (the same module on one process)."""
     from wcl_fast.runtime import memory_format
 
     model.to(ctx.device, memory_format=memory_format(model_cfg.channels_last))
@@ -170,8 +171,10 @@ def wrap_model(model: torch.nn.Module, optimizer, model_cfg, ctx: DistContext):
                 buffers[key] = value.to(ctx.device)
     if model_cfg.compile:  # compiles on the first step (minutes for ResNet-50); checkpoints keep eager key names
         model.net.compile(mode=model_cfg.compile)
-    if ctx.distributed and ctx.device.type == "cuda" and model_cfg.sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the same Parameter objects
+    if ctx.distributed and model_cfg.sync_bn:
+        from wcl_fast.syncbn import convert_sync_batchnorm
+
+        model = convert_sync_batchnorm(model)  # the same Parameter and buffer objects
     ddp = model
     if ctx.distributed:
         ddp = torch.nn.parallel.DistributedDataParallel(

@@ -87,8 +87,10 @@ def finetune(cfg: Config, ctx: wdist.DistContext | None = None) -> dict:
     model = torch.nn.Sequential(encoder, torch.nn.Linear(dim, len(classes))).to(device)
     torch.nn.init.normal_(model[1].weight, std=0.01)
     torch.nn.init.zeros_(model[1].bias)
-    if ctx.distributed and device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if ctx.distributed:
+        from wcl_fast.syncbn import convert_sync_batchnorm
+
+        model = convert_sync_batchnorm(model)  # the global batch's statistics, no host read (CPU and CUDA)
     net = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
            if ctx.distributed else model)
     pin = device.type == "cuda"

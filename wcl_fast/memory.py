@@ -314,11 +314,15 @@ def _trace_step(cfg: Config, world: int, checkpointing: dict | None = None, fake
             objective = objectives.build_objective(cfg, model, ctx, num_samples)
         if cfg.loss.objective == "clinfonce" and getattr(objective, "table", None) is None:
             objective.table = torch.zeros(num_samples, dtype=torch.int64)  # a cluster table as K-means leaves it
-        globals_ = torch.randn(2 * b, 3, cfg.data.global_size, cfg.data.global_size).contiguous(memory_format=fmt)
+        # on a GPU the fast loaders hand over the crops in the autocast dtype (pipelines.build_loader)
+        fast = fake and cfg.data.backend in ("auto", "dali", "ffcv")
+        crop_dtype = (autocast_dtype(cfg.train.precision) or torch.float32) if fast else torch.float32
+        globals_ = torch.randn(2 * b, 3, cfg.data.global_size, cfg.data.global_size,
+                               dtype=crop_dtype).contiguous(memory_format=fmt)
         locals_ = None
         if cfg.data.local_crops:
-            locals_ = torch.randn(cfg.data.local_crops * b, 3, cfg.data.local_size,
-                                  cfg.data.local_size).contiguous(memory_format=fmt)
+            locals_ = torch.randn(cfg.data.local_crops * b, 3, cfg.data.local_size, cfg.data.local_size,
+                                  dtype=crop_dtype).contiguous(memory_format=fmt)
         crops = [t for t in (globals_, locals_) if t is not None]
         batch = MultiCropBatch(globals_, locals_, torch.arange(b), torch.zeros(b, dtype=torch.int64))
         for p in model.parameters():

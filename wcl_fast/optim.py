@@ -94,7 +94,8 @@ class LARS(torch.optim.Optimizer):
         self.skip_nonfinite = skip_nonfinite
         self.last_step_ok: torch.Tensor | None = None
         # optional device bool set by the caller before step(): False skips the step as non-finite
-        # gradients do (the objective's check that the forward pass left finite BatchNorm statistics)
+        # gradients do (the objective's check that the forward pass left finite BatchNorm statistics; the
+        # fp16 GradScaler's inf check, see wcl_fast.train.train_step). Honoured with or without skip_nonfinite.
         self.precondition: torch.Tensor | None = None
 
     @torch.no_grad()
@@ -104,12 +105,13 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         ok = None
-        if self.skip_nonfinite:
+        if self.skip_nonfinite or self.precondition is not None:
             all_grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
             if all_grads:
-                ok = torch.isfinite(torch.stack(torch._foreach_norm(all_grads))).all()
-                if self.precondition is not None:
-                    ok = ok & self.precondition
+                ok = self.precondition
+                if self.skip_nonfinite:
+                    finite = torch.isfinite(torch.stack(torch._foreach_norm(all_grads))).all()
+                    ok = finite if ok is None else finite & ok
                 zero_nonfinite_(all_grads)  # a skipped step then multiplies zeros, not NaN, by 0
             self.last_step_ok = ok
         for group in self.param_groups:
@@ -157,10 +159,11 @@ class ApexLARS(LARS):
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         all_grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if self.skip_nonfinite and all_grads:
-            ok = torch.isfinite(torch.stack(torch._foreach_norm(all_grads))).all()
-            if self.precondition is not None:
-                ok = ok & self.precondition
+        if (self.skip_nonfinite or self.precondition is not None) and all_grads:
+            ok = self.precondition
+            if self.skip_nonfinite:
+                finite = torch.isfinite(torch.stack(torch._foreach_norm(all_grads))).all()
+                ok = finite if ok is None else finite & ok
             self.last_step_ok = ok
             if not bool(ok):  # sync point (apex path only)
                 return loss

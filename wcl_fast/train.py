@@ -24,9 +24,9 @@ from wcl_fast.config import Config, ConfigError, check_out_dir, check_paths, loa
 from wcl_fast.log import RunLogger, StepMeter, provenance, use_progress_bar
 from wcl_fast.model import build_model
 from wcl_fast import objectives
-from wcl_fast.optim import base_learning_rate, build_optimizer, learning_rate
+from wcl_fast.optim import LARS, base_learning_rate, build_optimizer, learning_rate
 from wcl_fast.runtime import autocast_dtype
-from wcl_fast.signals import StopRequest
+from wcl_fast.signals import StopRequest, requeue_slurm_job
 
 # exit codes of main(): 0 finished or stopped by a signal with a checkpoint (resume=auto continues),
 # 2 user error (config, paths, checkpoint), 3 non-finite training stopped, 4 a checkpoint write failed,
@@ -119,23 +119,38 @@ def check_similarity_backend(cfg: Config, device: torch.device) -> None:
 
 def train_step(objective, ddp, batch, step: int, total_steps: int, autocast, optimizer, scaler=None):
     """One optimisation step: the objective's losses, backward, the optimizer step (through the fp16
-    GradScaler when given), the objective's after-step update. Returns (terms, ok): the loss terms
-    (device tensors) and, with the optimizer's NaN guard, a device bool saying whether the step was taken.
+    GradScaler when given and enabled), the objective's after-step update. Returns (terms, ok): the loss
+    terms (device tensors) and, with the optimizer's NaN guard, a device bool saying whether the step was taken.
 
     A skipped step leaves no trace: parameters and momentum stay (LARS skip_nonfinite), the buffers the
     forward pass changed (BatchNorm statistics) are put back, the EMA keys and queue are not advanced.
-    A step the GradScaler skips for inf gradients counts as skipped, and so does one whose forward pass
-    left non-finite BatchNorm statistics (optimizer.precondition)."""
+    A step the GradScaler finds inf gradients in counts as skipped, and so does one whose forward pass
+    left non-finite BatchNorm statistics (optimizer.precondition).
+
+    fp16: GradScaler.step would read its inf flag on the host (`.item()`, a sync every step). With LARS the
+    step runs GradScaler.unscale_ (the inf check and the unscaling on the device), hands the flag to LARS as
+    its precondition (a device-side skip, with or without the NaN guard) and GradScaler.update (halve the
+    scale on inf, grow it after growth_interval good steps, on the device): the parameters, momentum and
+    scale of GradScaler.step's path, without the host read. Other optimizers go through GradScaler.step."""
     guard = getattr(optimizer, "skip_nonfinite", False)
     buffers = objectives.BufferGuard(objective.guarded_buffers()) if guard else None
     terms = objective.losses(ddp, batch, step, total_steps, autocast)
     optimizer.zero_grad(set_to_none=True)
+    precondition = None
     if guard:
         optimizer.last_step_ok = None
-        optimizer.precondition = buffers.all_finite()  # e.g. a running_var that overflowed with finite grads
-    if scaler is not None:
+        precondition = buffers.all_finite()  # e.g. a running_var that overflowed with finite grads
+        optimizer.precondition = precondition
+    if scaler is not None and scaler.is_enabled():
         scaler.scale(terms["loss"]).backward()
-        scaler.step(optimizer)
+        if isinstance(optimizer, LARS):
+            scaler.unscale_(optimizer)
+            finite = torch.stack(list(scaler._found_inf_per_device(optimizer).values())).sum() == 0
+            optimizer.precondition = finite if precondition is None else finite & precondition
+            optimizer.step()
+            optimizer.precondition = precondition  # the inf flag belongs to this step only
+        else:
+            scaler.step(optimizer)
         scaler.update()
     else:
         terms["loss"].backward()
@@ -204,8 +219,9 @@ def _train(cfg: Config, ctx: wdist.DistContext) -> dict:
                                last_good=(resume_path, start_epoch, start_step, global_step) if state else None)
     meter = StepMeter(logger, objective.term_names, device, cfg.data.batch_size, cfg.train.epochs, steps_per_epoch,
                       global_step)
-    stop = StopRequest(ctx.distributed, ctx.rank)
+    stop = StopRequest(ctx.distributed, ctx.rank, every_s=60.0 * cfg.train.checkpoint_every_minutes)
     stop.install()
+    by_signal = False
 
     if start_step >= steps_per_epoch:
         start_epoch, start_step = start_epoch + 1, 0
@@ -241,6 +257,7 @@ def _train(cfg: Config, ctx: wdist.DistContext) -> dict:
                 bar.update(1)
 
                 signalled = stop.poll(global_step)  # the same answer on every rank at this step
+                by_signal = by_signal or signalled
                 stopped = signalled or (stop_at is not None and global_step >= stop_at)
                 if global_step % cfg.train.log_interval == 0 or step_in_epoch == steps_per_epoch or stopped:
                     record = meter.log(global_step, epoch, step_in_epoch, lr, bar if show_bar else None,
@@ -260,12 +277,18 @@ def _train(cfg: Config, ctx: wdist.DistContext) -> dict:
                             f"train.precision=fp32, or check the data")
                 if stopped:
                     break
+                if stop.save_due and step_in_epoch < steps_per_epoch:  # train.checkpoint_every_minutes
+                    checkpoints.save(epoch, step_in_epoch, global_step)
+                    stop.saved()
             bar.close()
             if stopped:
                 checkpoints.save(epoch, step_in_epoch, global_step)
+                if by_signal and ctx.is_main and global_step < total_steps:
+                    requeue_slurm_job(logger.info)  # under SLURM: the same job continues after its time limit
                 break
             start_step = 0
             checkpoints.save(epoch + 1, 0, global_step)
+            stop.saved()
             where = f"in the kNN monitor after epoch {epoch}"
             end_of_epoch(cfg, ctx, model, logger, epoch, global_step, summary, checkpoints.path)
     except torch.cuda.OutOfMemoryError as exc:  # nothing is written: the last checkpoint stays as it was
