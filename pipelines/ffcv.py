@@ -312,6 +312,48 @@ def _batches(loader, order: list[str], cfg: DataConfig):
         yield named[cfg.beton_image_field], named[cfg.beton_label_field], named["__record__"]
 
 
+class HostSlotCopy:
+    """Copies FFCV's host batches to the device without racing FFCV's reuse of its host slots.
+
+    FFCV's threads write each batch into one of a few host buffers and write the next batch into a buffer
+    once the consumer has asked for it; a non-blocking copy from that buffer may still be queued behind
+    the training step on the compute stream by then. Here the copy runs on a stream of its own (the compute
+    stream waits for it on the device, no host sync), and `wait()` -- called before the next batch is
+    requested -- waits on the host for that copy alone (an event of the copy stream, not the compute
+    queue). On the CPU it is a plain copy."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.done = None
+
+    def __call__(self, host) -> torch.Tensor:
+        host = torch.as_tensor(host)
+        if not self.cuda:
+            return host.to(self.device)
+        with torch.cuda.stream(self.stream):
+            out = host.to(self.device, non_blocking=True)
+        self.done = torch.cuda.Event()
+        self.done.record(self.stream)
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(self.done)
+        out.record_stream(compute)  # the allocator keeps it until the compute stream is done with it
+        return out
+
+    def wait(self) -> None:
+        if self.done is not None:
+            self.done.synchronize()
+            self.done = None
+
+    def each(self, batches):
+        """(records on the device, label, index) of FFCV's (records, label, index) batches; the next batch is
+        requested from FFCV only once this one's copy has read its host slot."""
+        for records, label, index in batches:
+            yield self(records), label, index
+            self.wait()
+
+
 class FFCVMultiCropLoader:
     """Same interface as the other backends: len() = steps per epoch, .epoch(e, start_step), .num_samples."""
 
@@ -368,8 +410,8 @@ class FFCVMultiCropLoader:
         self._epoch_cell[0] = epoch  # before FFCV starts decoding this epoch's batches
         global_recipe, local_recipe = crop_recipes(self.cfg, epoch)
         b = self.local_batch
-        for records, label, index in _batches(loader, self._fields, self.cfg):
-            records = torch.as_tensor(records).to(self.device, non_blocking=True)  # [b, T] uint8
+        for records, label, index in HostSlotCopy(self.device).each(_batches(loader, self._fields, self.cfg)):
+            # records: [b, T] uint8 on the device
             views, offset = [], 0
             for size in self.sizes:
                 span = size * size * 3
@@ -462,8 +504,7 @@ class FFCVEvalLoader:
         return self.batches
 
     def __iter__(self):
-        for images, label, index in _batches(self.loader, self._fields, self.cfg):
-            images = torch.as_tensor(images).to(self.device, non_blocking=True)
+        for images, label, index in HostSlotCopy(self.device).each(_batches(self.loader, self._fields, self.cfg)):
             yield MultiCropBatch(_normalise(images, self.cfg.mean, self.cfg.std), None,
                                  torch.as_tensor(index).view(-1).long(), torch.as_tensor(label).view(-1).long(), 0)
 
@@ -508,9 +549,9 @@ class FFCVLinearLoader:
         self._order.start_step = start_step
         self.loader.next_epoch = epoch
         self._epoch_cell[0] = epoch
-        for records, label, index in _batches(self.loader, self._fields, self.cfg):
+        for records, label, index in HostSlotCopy(self.device).each(_batches(self.loader, self._fields, self.cfg)):
             b = records.shape[0]
-            images = torch.as_tensor(records).to(self.device, non_blocking=True).view(b, self.size, self.size, 3)
+            images = records.view(b, self.size, self.size, 3)
             ids = np.asarray(index).reshape(-1)
             flip = torch.from_numpy(uniforms(keys(self.stream_seed, epoch, ids), 1)[:, 0] < 0.5)
             flip = flip.to(images.device).view(-1, 1, 1, 1)

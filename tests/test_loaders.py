@@ -231,3 +231,25 @@ def test_normalized_tensor_by_table_equals_torchvision():
         assert got.shape == (3, 17, 23) and torch.equal(got, expected)
         gray = Image.fromarray(pixels[..., 1], mode="L")
         assert torch.equal(to_normalized_tensor(gray, mean, std), TF.normalize(TF.to_tensor(gray.convert("RGB")), mean, std))
+
+
+def test_ffcv_host_slots_are_read_before_ffcv_is_asked_for_the_next_batch():
+    """FFCV reuses a batch's host buffer once the next batch is requested: pipelines.ffcv.HostSlotCopy waits
+    for the copy of a batch (on CUDA: an event of its own copy stream) before the next request."""
+    import numpy as np
+
+    from pipelines.ffcv import HostSlotCopy
+
+    events = []
+
+    def batches():
+        for i in range(3):
+            events.append(f"give {i}")
+            yield np.full((2, 3), i, dtype=np.uint8), None, None
+
+    copy = HostSlotCopy(torch.device("cpu"))
+    copy.wait = lambda: events.append("wait")
+    for records, _, _ in copy.each(batches()):
+        assert isinstance(records, torch.Tensor)
+        events.append(f"use {int(records[0, 0])}")
+    assert events == ["give 0", "use 0", "wait", "give 1", "use 1", "wait", "give 2", "use 2", "wait"]
