@@ -40,7 +40,7 @@ import sys
 import threading
 import weakref
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import NamedTuple
 
 import numpy as np
@@ -51,7 +51,7 @@ from pipelines.batch import MultiCropBatch, current_device_id
 # the per-crop parameter vector: its ROI feeds the graph, the rest the augmentation kernels
 from pipelines.crop_params import NUM_PARAMS, P_BLUR, P_FACTORS, P_FLIP, P_GRAY, P_JITTER, P_ORDER, P_ROI, P_SIGMA
 from pipelines.images import ImageSource, scan_image_folder
-from pipelines.sampling import StepSampler
+from pipelines.sampling import EXIT_WAIT_S, StepSampler
 from pipelines.reference import PROBE_STREAM, CropRecipe, crop_recipes, draw_crop_params, probe_crop_params
 from wcl_fast.config import ConfigError, DataConfig
 
@@ -601,6 +601,7 @@ class DaliMultiCropLoader:
         self.prefetch = ThreadPoolExecutor(1)  # reads and draws the batches ahead, in order
         self.finisher = ThreadPoolExecutor(1)  # CPU augmentation of one batch while the trainer uses the previous
         self.failed_total = 0
+        self._stuck = False  # a helper thread did not finish within EXIT_WAIT_S when an epoch was abandoned
         self._active = None  # the epoch iterator in progress (a weak reference)
         self.pipe = None
         self._open_pipeline()
@@ -756,11 +757,12 @@ class DaliMultiCropLoader:
             active.close()
 
     def close(self) -> None:
-        """Ends the epoch in progress and releases DALI's pipeline and the helper threads."""
+        """Ends the epoch in progress and releases DALI's pipeline and the helper threads (without waiting for
+        one that is blocked in a read: it ends with the process)."""
         self.close_epoch()
         self.pipe = None
         for pool in (self.prefetch, self.finisher, self.pool):
-            pool.shutdown(wait=True)
+            pool.shutdown(wait=not self._stuck, cancel_futures=True)
 
     def _batches(self, steps: list):
         """DALI holds `depth` batches fed ahead: after taking the outputs of batch s, batch s + depth is fed (its
@@ -801,9 +803,11 @@ class DaliMultiCropLoader:
                 last, finishing = finishing, None
                 yield last.result()
         finally:  # an abandoned epoch leaves no work on the helper threads and nothing in DALI
-            for future in [*preparing, finishing]:
-                if future is not None and not future.cancel():
-                    future.exception()
+            running = [future for future in [*preparing, finishing] if future is not None and not future.cancel()]
+            # bounded: on the way out of an exception or a second signal a helper may be blocked in a read that
+            # never returns (wcl_fast.signals: the watchdog names it after data.read_timeout; the exit does not wait)
+            if wait(running, timeout=EXIT_WAIT_S).not_done:
+                self._stuck = True
             for _ in scheduled:
                 if not self._broken:
                     try:

@@ -35,9 +35,12 @@ import numpy as np
 import torch
 
 from pipelines.batch import MultiCropBatch
+from pipelines.images import ReadsInFlight
 from pipelines.sampling import StepSampler
 from pipelines.reference import PROBE_STREAM, crop_recipes
 from wcl_fast.config import ConfigError, DataConfig
+
+COMPILE_GRACE_S = 120.0  # FFCV compiles its pipeline (numba) while the first batch is awaited: not a read timeout
 
 
 @contextlib.contextmanager
@@ -377,6 +380,8 @@ class FFCVMultiCropLoader:
         self._loader, self._scales = None, None
         self._epoch_cell = np.zeros(1, dtype=np.int64)  # read by the compiled decoder (make_decoder)
         self.workers = ffcv_workers(cfg)
+        self.reads = ReadsInFlight()  # each wait for a batch of FFCV's threads (data.read_timeout)
+        self._fresh = True  # the next batch is the first of a newly built FFCV loader (it compiles its pipeline)
 
     def __len__(self) -> int:
         return self.sampler.steps_per_epoch
@@ -399,6 +404,7 @@ class FFCVMultiCropLoader:
                                       order=self._order, drop_last=True, os_cache=self.cfg.os_cache,
                                       pipelines=pipelines, batches_ahead=2)
             self._scales = scales
+            self._fresh = True
         return self._loader
 
     def epoch(self, epoch: int, start_step: int = 0):
@@ -410,7 +416,8 @@ class FFCVMultiCropLoader:
         self._epoch_cell[0] = epoch  # before FFCV starts decoding this epoch's batches
         global_recipe, local_recipe = crop_recipes(self.cfg, epoch)
         b = self.local_batch
-        for records, label, index in HostSlotCopy(self.device).each(_batches(loader, self._fields, self.cfg)):
+        batches = self._timed(_batches(loader, self._fields, self.cfg), epoch, start_step)
+        for records, label, index in HostSlotCopy(self.device).each(batches):
             # records: [b, T] uint8 on the device
             views, offset = [], 0
             for size in self.sizes:
@@ -434,6 +441,28 @@ class FFCVMultiCropLoader:
                                      **kw) if self.cfg.local_crops else None)
             yield MultiCropBatch(globals_, locals_, torch.as_tensor(index).view(-1).long(),
                                  torch.as_tensor(label).view(-1).long(), 0)
+
+
+    def _timed(self, batches, epoch: int, start_step: int):
+        """FFCV's batches, each wait for one a read in flight (pipelines.images.ReadsInFlight): FFCV's threads read
+        the .beton through a memory map, where a hung mount blocks a page fault in a thread that names nothing,
+        so what the watchdog names after data.read_timeout is the .beton and the records of the batch awaited.
+        The first batch of a newly built loader also waits for numba's compilation of FFCV's pipeline: it gets
+        COMPILE_GRACE_S more."""
+        batches, step = iter(batches), start_step
+        perm = self.sampler.permutation(epoch)
+        local = self.local_batch
+        while True:
+            start = step * self.cfg.batch_size + self.rank * local
+            ids = perm[start:start + local].tolist()
+            shown = ", ".join(map(str, ids[:4])) + (f", ... ({len(ids)} records)" if len(ids) > 4 else "")
+            grace, self._fresh = (COMPILE_GRACE_S if self._fresh else 0.0), False
+            with self.reads.reading(self.cfg.beton, f"records {shown} of step {step} of epoch {epoch}", grace):
+                batch = next(batches, None)
+            if batch is None:
+                return
+            yield batch
+            step += 1
 
 
 def _normalise(images: torch.Tensor, mean, std) -> torch.Tensor:

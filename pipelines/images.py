@@ -3,9 +3,15 @@ are skipped by name) and decoding to RGB (or one-channel gray, exactly equivalen
 with unreadable files replaced (training) or left out (evaluation) and counted."""
 from __future__ import annotations
 
+import ctypes
 import io
+import multiprocessing
 import os
 import sys
+import threading
+import time
+import weakref
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +21,113 @@ from wcl_fast.config import ConfigError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 MAX_SUBSTITUTIONS = 16  # an unreadable image is replaced by the next readable one, at most this far away
+
+
+class DataStop(RuntimeError):
+    """The training data cannot be read any more (every file of a stretch unreadable, a loader worker process
+    killed, a read that does not return): the run stops with this one line (wcl_fast.train: exit code 6,
+    docs/running.md). torch's DataLoader raises a worker's exception again in the trainer as
+    type(exc)(its text followed by the worker's traceback), whose last line is '<module>.<class>: <the
+    original text>': that original line is kept."""
+
+    def __init__(self, message: str):
+        if message.startswith("Caught ") and "\nOriginal Traceback" in message:
+            last = message.rstrip().splitlines()[-1]
+            message = last.split(": ", 1)[1] if ": " in last else last
+        super().__init__(message)
+
+
+class UnreadableData(DataStop):
+    """MAX_SUBSTITUTIONS consecutive samples could not be read (a dataset deleted or unmounted mid-run)."""
+
+
+_TRACKERS: "weakref.WeakSet[ReadsInFlight]" = weakref.WeakSet()
+_SLOT_BYTES = 1024  # per worker process: the path being read (utf-8, cut at this length)
+
+
+class ReadsInFlight:
+    """The files being read right now, and since when, as the trainer's process sees them: reads by threads
+    of this process (DALI's readers, FFCV's batches, data.workers=0) and, with `worker_slots`, reads by the
+    DataLoader worker processes forked after it was made (one shared slot per worker id). `reads_in_flight()`
+    lists those of every live instance: wcl_fast.signals' watchdog stops the run when one has not returned
+    within data.read_timeout (a hung network mount, a FIFO in place of an image), naming them."""
+
+    def __init__(self, worker_slots: int = 0):
+        self._lock = threading.RLock()  # re-entrant: a signal handler (StopRequest's) may list them mid-update
+        self._local: dict[int, tuple[str, float]] = {}
+        self._next = 0
+        self._slots = worker_slots
+        if worker_slots:  # shared memory, inherited by the worker processes (raw: one writer per slot)
+            self._paths = multiprocessing.RawArray(ctypes.c_char, worker_slots * _SLOT_BYTES)
+            self._starts = multiprocessing.RawArray(ctypes.c_double, worker_slots)
+        _TRACKERS.add(self)
+
+    def __getstate__(self):  # a worker process started by spawn / forkserver gets the shared slots only
+        state = dict(self.__dict__, _local={})
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
+    def _worker_slot(self) -> int | None:
+        if not self._slots:
+            return None
+        from torch.utils.data import get_worker_info
+
+        info = get_worker_info()  # None outside a DataLoader worker process
+        return info.id if info is not None and info.id < self._slots else None
+
+    @contextmanager
+    def reading(self, path, detail: str = "", grace: float = 0.0):
+        """Marks `path` (and what of it: `detail`) as being read inside the block; `grace` seconds of it are not
+        counted (work known to come with this read). time.monotonic is CLOCK_MONOTONIC on Linux, one clock
+        for every process of the machine."""
+        what = f"'{path}'" + (f" ({detail})" if detail else "")
+        slot = self._worker_slot()
+        if slot is not None:
+            data = os.fsencode(what)[:_SLOT_BYTES - 1]
+            self._paths[slot * _SLOT_BYTES:slot * _SLOT_BYTES + len(data) + 1] = data + b"\0"
+            self._starts[slot] = time.monotonic() + grace
+            try:
+                yield
+            finally:
+                self._starts[slot] = 0.0
+            return
+        with self._lock:
+            token, self._next = self._next, self._next + 1
+            self._local[token] = (what, time.monotonic() + grace)
+        try:
+            yield
+        finally:
+            with self._lock:
+                del self._local[token]
+
+    def in_flight(self) -> list[tuple[str, float]]:
+        """[("'path' (detail)", seconds since its read started)], oldest first."""
+        now = time.monotonic()
+        with self._lock:
+            found = [(what, max(0.0, now - start)) for what, start in self._local.values()]
+        for slot in range(self._slots):
+            start = self._starts[slot]
+            if start > 0.0:
+                raw = self._paths[slot * _SLOT_BYTES:(slot + 1) * _SLOT_BYTES]
+                found.append((os.fsdecode(raw.split(b"\0", 1)[0]), max(0.0, now - start)))
+        return sorted(found, key=lambda item: -item[1])
+
+
+def reads_in_flight() -> list[tuple[str, float]]:
+    """Every read in flight that this process can see ([(what, seconds)], oldest first; see ReadsInFlight)."""
+    trackers = []
+    for _ in range(5):  # a loader built meanwhile by another thread changes the set: look again
+        try:
+            trackers = list(_TRACKERS)
+            break
+        except RuntimeError:
+            continue
+    found = [item for tracker in trackers for item in tracker.in_flight()]
+    return sorted(found, key=lambda item: -item[1])
 
 
 def scan_class_folder(folder: Path, warn=None) -> tuple[list[str], list[str]]:
@@ -127,10 +240,15 @@ class ImageSource:
     """Reads samples of an ImageFolder; an unreadable file is replaced by the next readable sample.
     decode(path) returns what a reader needs (default: the RGB image) and raises when the file is unusable."""
 
-    def __init__(self, samples: list[tuple[str, int]], decode=None):
+    def __init__(self, samples: list[tuple[str, int]], decode=None, reads: ReadsInFlight | None = None):
         self.samples = samples
         self.decode = decode or load_rgb
+        self.reads = reads or ReadsInFlight()  # every decode call is a read in flight (data.read_timeout)
         self._warned = 0
+
+    def _decode(self, path):
+        with self.reads.reading(path):
+            return self.decode(path)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -147,18 +265,20 @@ class ImageSource:
             actual = (index + attempt) % len(self.samples)
             path, label = self.samples[actual]
             try:
-                return self.decode(path), actual, label, attempt
+                return self._decode(path), actual, label, attempt
             except Exception as exc:  # any decoder failure: count it, warn, and use the next sample
                 self._failed(path, exc, "using the next sample instead")
-        raise RuntimeError(f"{MAX_SUBSTITUTIONS} consecutive unreadable images from sample {index} "
-                           f"('{self.samples[index][0]}'); check the dataset")
+        last = self.samples[(index + MAX_SUBSTITUTIONS - 1) % len(self.samples)][0]
+        raise UnreadableData(f"{MAX_SUBSTITUTIONS} consecutive unreadable images, from sample {index} "
+                             f"('{self.samples[index][0]}') to '{last}': the dataset is damaged, or was deleted or "
+                             f"unmounted while the run read it; check the folder")
 
     def read_or_none(self, index: int):
         """(decoded image, label) of sample index, or None when it is unreadable: evaluation, where an
         unreadable image is left out and counted, never replaced by another one."""
         path, label = self.samples[index]
         try:
-            return self.decode(path), label
+            return self._decode(path), label
         except Exception as exc:
             self._failed(path, exc, "left out of the evaluation")
             return None

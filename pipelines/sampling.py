@@ -3,7 +3,13 @@ cut into global batches, rank slices, exact resume at a step), the contiguous ev
 worker-process DataLoader wrapper of the PIL loaders."""
 from __future__ import annotations
 
+import atexit
+import ctypes
+import multiprocessing
 import signal
+import sys
+import threading
+import time
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -52,15 +58,68 @@ class StepSampler(Sampler):
         return self.steps_per_epoch - self.start_step
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader worker_init_fn: workers ignore SIGINT and SIGTERM.
+# SIGINT: Ctrl-C; SIGTERM: schedulers, torchrun; SIGUSR1: SLURM's --signal warning before the time limit;
+# SIGHUP: a closed terminal. The trainer alone handles them (wcl_fast/signals.py, docs/running.md).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGHUP") if hasattr(signal, name))
+EXIT_WAIT_S = 5.0  # how long an exit path waits for a loader's worker process or helper thread (it may be blocked in a read)
 
-    Clusters (SLURM, timeout, container runtimes) and Ctrl-C signal the whole process group; a worker
-    that died of it would make the trainer fail with 'DataLoader worker killed by signal' before it
-    could write its checkpoint. The trainer alone handles the signal (checkpoint, then exit); workers
-    end when it closes the loader, or within seconds of its death (PyTorch's worker watchdog)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn of every worker process of the project's loaders.
+
+    They ignore the stop signals (STOP_SIGNALS): clusters and Ctrl-C signal the whole process group, and a
+    worker that died of it would fail the trainer before its checkpoint is written; the trainer alone handles
+    them. In exchange they must never outlive it: the kernel kills a worker when the trainer ends, however it
+    ends (kill -9, the OOM killer, a hard exit that leaves a worker blocked in a read), through
+    prctl(PR_SET_PDEATHSIG, SIGKILL) on Linux (tied to the thread that started the workers: the trainer's main
+    thread); on any other exit the trainer kills them itself (end_loader_workers). A forked worker also drops
+    the trainer's signal wake-up descriptor (wcl_fast.signals.StopRequest's watchdog)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.set_wakeup_fd(-1)
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
+def loader_workers() -> list:
+    """This process's live daemonic multiprocessing children: its DataLoader worker processes (torch starts them
+    daemonic; the trainer starts no other). multiprocessing itself terminates daemonic children at exit, with
+    SIGTERM, which these ignore."""
+    return [p for p in multiprocessing.active_children() if p.daemon]
+
+
+def end_loader_workers(wait_s: float = EXIT_WAIT_S) -> None:
+    """SIGKILL this process's DataLoader worker processes and reap them (at most `wait_s` in all). They ignore
+    the stop signals (ignore_stop_signals), hold nothing that needs writing, and one may be blocked in a read
+    that never returns: the interpreter's exit would wait for it for ever (multiprocessing joins its children
+    at exit; torch's shutdown sends them SIGTERM, which they ignore). From the main thread torch's SIGCHLD
+    handler is set aside meanwhile, so these deaths raise nothing."""
+    workers = loader_workers()
+    if not workers:
+        return
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL) if main else None
+    try:
+        for process in workers:
+            try:
+                process.kill()
+            except OSError:
+                pass
+        deadline = time.monotonic() + wait_s
+        for process in workers:
+            process.join(max(0.0, deadline - time.monotonic()))
+    finally:
+        if main:
+            signal.signal(signal.SIGCHLD, previous)
+
+
+# At exit multiprocessing ends daemonic children with SIGTERM, which these workers ignore, and then waits for them
+# for ever (a loader still referenced then, as by a script's global, has not shut its workers down): they are
+# killed first (atexit runs this before multiprocessing's handler, registered when torch imported it).
+atexit.register(end_loader_workers)
 
 
 class MultiCropLoader:

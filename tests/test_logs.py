@@ -129,3 +129,15 @@ def test_a_failing_tensorboard_writer_pauses_with_one_warning(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("writing TensorBoard failed") == 1 and "TensorBoard: logging resumed" in err
     assert [r["step"] for r in _records(tmp_path / "log.jsonl")] == [1, 2, 3]
+
+
+def test_the_objectives_own_counters_reach_log_jsonl(tmp_path):
+    from wcl_fast.log import StepMeter
+
+    logger = RunLogger(tmp_path, True, False)
+    meter = StepMeter(logger, ("loss",), torch.device("cpu"), 8, 1, 4, 0)
+    meter.add({"loss": torch.tensor(2.0)}, None)
+    record = meter.log(1, 0, 1, 0.1, extra={"knn_unconverged": 3.0})
+    logger.close()
+    assert record["knn_unconverged"] == 3.0
+    assert _records(tmp_path / "log.jsonl")[-1]["knn_unconverged"] == 3.0

@@ -507,14 +507,25 @@ def resume(path: Path, cfg, model, optimizer, scaler, steps_per_epoch: int) -> t
     return state, state["epoch"], state["step_in_epoch"], state["global_step"]
 
 
+def resume_probe(probe, state: dict, path: Path, info) -> None:
+    """The online probe's parameters and optimizer state from a training checkpoint; one written without a
+    probe leaves it untrained, said through `info`."""
+    if state.get("probe") is None:
+        info(f"the checkpoint '{path}' holds no online-probe state (written with train.online_probe=false); "
+             f"the probe starts untrained")
+        return
+    probe.load_state_dict(state["probe"], path)
+
+
 class Checkpointer:
     """Writes the training checkpoint (rank 0; atomically), never from a state holding NaN/inf, and
     remembers the last good one for the error messages. Every rank learns the outcome of a write."""
 
     def __init__(self, path: Path, cfg, ctx, steps_per_epoch: int, model, optimizer, scaler, objective,
-                 last_good: tuple | None = None):
+                 last_good: tuple | None = None, probe=None):
         self.path, self.cfg, self.ctx, self.steps_per_epoch = path, cfg, ctx, steps_per_epoch
         self.model, self.optimizer, self.scaler, self.objective = model, optimizer, scaler, objective
+        self.probe = probe  # wcl_fast.probe.OnlineProbe (train.online_probe) or None
         self.last_good = last_good  # (path, epoch, step in epoch, global step) of the newest finite checkpoint
 
     def last_good_text(self) -> str:
@@ -529,6 +540,8 @@ class Checkpointer:
 
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scaler": self.scaler.state_dict(), "objective": self.objective.state_dict()}
+        if self.probe is not None:
+            state["probe"] = self.probe.state_dict()
         bad = nonfinite_entries(state)
         failed = torch.tensor([float(bool(bad)), 0.0])
         error = None

@@ -7,7 +7,9 @@ Trains every objective with the same data, model, crops, batch, epochs, optimise
 `compare.overrides` entries "objective:key=value" change one objective's runs only, printed with the table),
 then evaluates the encoder with the weighted kNN monitor; with --seeds N (default 3) every objective
 (and the untrained floor) runs for seeds train.seed .. train.seed + N - 1. Prints one table (mean +- sd
-over seeds of kNN top-1/top-5; samples/s, wall time, final loss) with the untrained encoder as the
+over seeds of kNN top-1/top-5; the online probe's top-1 on the test images where train.online_probe is on;
+WCL's weak-label precision against the classes in the last log interval (docs/diagnostics.md); samples/s,
+wall time, final loss) with the untrained encoder as the
 floor and one sentence on WCL vs SimCLR at the same tau (paired by seed), and writes
 <out>/compare.json (per-seed values too), <out>/compare.png (mean, sd and every seed of kNN top-1) and
 <out>/curves.png (the first seed's training curves, one colour per objective). With the default config it runs
@@ -40,7 +42,7 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 def summarise(name: str, runs: list[dict]) -> dict:
     """One table row from the per-seed results of one objective: mean and sd of every number."""
     row = {"objective": name, "seeds": [r["seed"] for r in runs], "runs": runs}
-    for key in ("knn_top1", "knn_top5", "samples_per_s", "wall_s", "loss"):
+    for key in ("knn_top1", "knn_top5", "probe_top1", "wl_precision", "samples_per_s", "wall_s", "loss"):
         values = [r[key] for r in runs if r.get(key) is not None]
         row[key], row[f"{key}_sd"] = _mean_sd(values) if values else (None, None)
     return row
@@ -105,6 +107,8 @@ def run(cfg_path: str, objectives: list[str], overrides: list[str], out: Path, d
             summary = train(configs[name][seed], ctx)
             wall_s = time.perf_counter() - start
             per_objective[name].append({"seed": seed, "knn_top1": summary["knn_top1"], "knn_top5": summary["knn_top5"],
+                                        "probe_top1": summary.get("probe_val_top1"),  # online probe, test images
+                                        "wl_precision": summary.get("wl_precision"),  # WCL's weak labels, last interval
                                         "samples_per_s": summary["mean_samples_per_s"], "wall_s": wall_s,
                                         "loss": summary.get("loss")})
             if ctx.is_main:
@@ -157,7 +161,11 @@ def format_table(result: dict) -> str:
     lines = [head]
     for name, values in result.get("objective_overrides", {}).items():
         lines.append(f"  {name} only (compare.overrides): {' '.join(values)}")
-    lines += [f"{'objective':<12}{'kNN top-1':>16}{'kNN top-5':>16}{'samples/s':>11}{'wall s':>9}{'final loss':>12}"]
+    # columns that apply: the online probe (train.online_probe) and WCL's weak-label precision, when logged
+    extra = [(key, title, spec) for key, title, spec in (("probe_top1", "probe top-1", ".2f"), ("wl_precision", "wl precision", ".3f"))
+             if any(row.get(key) is not None for row in result["rows"])]
+    lines += [f"{'objective':<12}{'kNN top-1':>16}{'kNN top-5':>16}" + "".join(f"{title:>16}" for _, title, _ in extra)
+              + f"{'samples/s':>11}{'wall s':>9}{'final loss':>12}"]
     for row in result["rows"]:
         def fmt(key, spec, sd=True):
             value = row.get(key)
@@ -166,7 +174,8 @@ def format_table(result: dict) -> str:
             return format(value, spec) + (f" +- {row[key + '_sd']:{spec}}" if sd and len(seeds) > 1 else "")
 
         lines.append(f"{row['objective']:<12}{fmt('knn_top1', '.2f'):>16}{fmt('knn_top5', '.2f'):>16}"
-                     f"{fmt('samples_per_s', '.1f', False):>11}{fmt('wall_s', '.0f', False):>9}"
+                     + "".join(f"{fmt(key, spec):>16}" for key, _, spec in extra)
+                     + f"{fmt('samples_per_s', '.1f', False):>11}{fmt('wall_s', '.0f', False):>9}"
                      f"{fmt('loss', '.4f', False):>12}")
     if result.get("wall_s") is not None:
         lines.append(f"whole comparison: {format_duration(result['wall_s'])} ({result['device']}, {result['threads']} threads)")

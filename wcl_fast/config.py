@@ -120,6 +120,9 @@ class DataConfig:
     # to fit, before DALI decodes it, so DALI holds at most 3 x this many bytes per decoded image; each
     # such image is named in a warning. 0 = no cap.
     max_decode_pixels: int = 36_000_000
+    # seconds a read of one file (FFCV: of one batch) may take before the run stops with one line naming the
+    # files in flight and exit code 6 (a hung network mount, a FIFO in place of an image; docs/running.md). 0 = never.
+    read_timeout: float = 300.0
     synthetic_size: int = 512  # number of samples of the synthetic backend
     synthetic_classes: int = 10
 
@@ -351,6 +354,16 @@ class TrainConfig:
     # GiB of memory per GPU that model.activation_checkpointing=auto plans for (python -m wcl_fast.plan;
     # docs/memory.md); 0 = what the device reports
     gpu_memory: float = 0.0
+    # per log interval, computed on the device in every step (docs/diagnostics.md): the weak-label graph's
+    # components and view agreement, weak labels against the classes where the batches carry labels, embedding
+    # collapse and view similarities
+    diagnostics: bool = True
+    # a linear classifier on the detached encoder features h, trained on the training labels beside pre-training
+    # with its own optimizer (docs/diagnostics.md); logs probe_top1 per interval and probe_val_top1 with the kNN
+    # monitor; the encoder is the same with it on or off
+    online_probe: bool = False
+    online_probe_optimizer: Literal["adam", "sgd"] = "adam"  # sgd: momentum 0.9
+    online_probe_lr: float = 1.0e-3
 
 
 @dataclass
@@ -607,6 +620,7 @@ def _check_values(cfg: Config) -> None:
         "finetune.batch_size": cfg.finetune.batch_size,
         "finetune.lr_scale": cfg.finetune.lr_scale,
         "finetune.label_fraction": cfg.finetune.label_fraction,
+        "train.online_probe_lr": cfg.train.online_probe_lr,
     }
     if cfg.optim.base_lr is not None:
         positive["optim.base_lr"] = cfg.optim.base_lr
@@ -633,7 +647,7 @@ def _check_values(cfg: Config) -> None:
     if not all(v > 0 for v in cfg.data.std):
         raise ConfigError(f"config key 'data.std' must hold 3 numbers > 0 (it divides the pixels), got {cfg.data.std}")
     for key, value in {"data.workers": cfg.data.workers, "data.local_crops": cfg.data.local_crops,
-                       "data.max_decode_pixels": cfg.data.max_decode_pixels,
+                       "data.max_decode_pixels": cfg.data.max_decode_pixels, "data.read_timeout": cfg.data.read_timeout,
                        "train.stop_at_step": cfg.train.stop_at_step, "train.max_bad_steps": cfg.train.max_bad_steps,
                        "train.gpu_memory": cfg.train.gpu_memory,
                        "train.checkpoint_every_minutes": cfg.train.checkpoint_every_minutes, "optim.warmup_epochs": cfg.optim.warmup_epochs,

@@ -8,7 +8,9 @@
    evaluated at 32 px).
 3. Prints weighted-kNN top-1/top-5 on the held-out split (the monitor's k = 200, T = 0.1) for raw
    pixels, the untrained encoder (same architecture and seed, eval-mode BatchNorm with its initial
-   statistics) and the WCL-trained encoder, and draws the training curves (runs/cpu_demo/curves.png).
+   statistics) and the WCL-trained encoder, the weak labels' components and precision against the digit
+   classes (first and last log interval) and the online probe's top-1 (docs/diagnostics.md), and draws the
+   training curves with the diagnostics (runs/cpu_demo/curves.png).
 """
 from __future__ import annotations
 
@@ -73,6 +75,30 @@ def raw_pixel_knn(cfg, device) -> dict:
     return evaluate_knn(torch.nn.Flatten(), cfg, device)
 
 
+DIAGNOSTIC_KEYS = ("wl_components", "wl_mean_size", "wl_precision", "wl_recall", "wl_purity", "wl_view_ari",
+                   "collapse_z", "collapse_u", "probe_top1", "probe_val_top1")
+
+
+def diagnostics_lines(cfg, summary: dict) -> list[str]:
+    """The demo's lines on the weak labels (components and precision against the digit classes, at the first
+    and the last log interval of log.jsonl) and the online probe (docs/diagnostics.md); [] when not logged."""
+    from wcl_fast.plot import read_log
+
+    lines = []
+    intervals = [r for r in read_log(cfg.train.out_dir) if "wl_components" in r]
+    if intervals and "wl_precision" in intervals[-1]:
+        first, last = intervals[0], intervals[-1]
+        lines.append(f"  weak labels (1-NN graph components of each view's batch of {cfg.data.batch_size}): "
+                     f"{last['wl_components']:.1f} components of {last['wl_mean_size']:.1f} digits, precision "
+                     f"{last['wl_precision']:.3f}, recall {last['wl_recall']:.3f} against the digit classes in the last "
+                     f"interval (step {first['step']}: {first['wl_components']:.1f} components, precision "
+                     f"{first.get('wl_precision', float('nan')):.3f})")
+    if "probe_val_top1" in summary:
+        lines.append(f"  online linear probe on the detached features: top-1 {summary['probe_val_top1']:.2f}% on the "
+                     f"held-out digits ({summary.get('probe_top1', float('nan')):.1f}% on the last interval's training crops)")
+    return lines
+
+
 @command
 def main(argv=None) -> int:
     from wcl_fast import dist as wdist
@@ -124,13 +150,17 @@ def main(argv=None) -> int:
         print("  untrained = the same initial weights in eval mode (BatchNorm with its initial running statistics)")
         print(f"  trained vs raw pixels {summary['knn_top1'] - pixels['top1']:+.2f} points, vs untrained "
               f"{summary['knn_top1'] - baseline['top1']:+.2f} points")
+        diagnostics = diagnostics_lines(cfg, summary)
+        for line in diagnostics:
+            print(line)
         print(f"  training: {summary['global_step']} steps in {summary['wall_s']:.0f} s "
               f"({summary['mean_samples_per_s']:.1f} samples/s, checkpoints included); demo wall time {wall:.0f} s; "
               f"curves: {curves}")
         if args.json:
             Path(args.json).write_text(json.dumps(
                 {"seed": cfg.train.seed, "rows": {name: {"top1": r["top1"], "top5": r["top5"]} for name, r in rows},
-                 "train_s": summary["wall_s"], "demo_s": wall, "steps": summary["global_step"]}, indent=2))
+                 "train_s": summary["wall_s"], "demo_s": wall, "steps": summary["global_step"],
+                 "diagnostics": {key: summary[key] for key in DIAGNOSTIC_KEYS if key in summary}}, indent=2))
     wdist.cleanup()
     return 0
 

@@ -170,17 +170,34 @@ def interval_line(epoch: int, epochs: int, step_in_epoch: int, steps_per_epoch: 
             f"run {format_duration(eta_run_s)}")
 
 
+def diagnostics_suffix(record: dict) -> str:
+    """The few diagnostics of an interval record the epoch line shows when they were logged
+    (docs/diagnostics.md), e.g. `; weak labels: 21.5 components, precision 0.712; collapse 0.83; probe 64.1%`."""
+    parts = []
+    if "wl_components" in record:
+        parts.append(f"weak labels: {record['wl_components']:.1f} components"
+                     + (f", precision {record['wl_precision']:.3f}" if "wl_precision" in record else ""))
+    if "collapse_z" in record:
+        parts.append(f"collapse {record['collapse_z']:.2f}")
+    if "probe_top1" in record:
+        parts.append(f"probe {record['probe_top1']:.1f}%")
+    return "".join(f"; {part}" for part in parts)
+
+
 class StepMeter:
     """Interval metering of the training loop, and its logging. Between log steps everything stays on the
     device: the sums of the logged terms over the finite steps, the count of those steps, the skipped
-    (non-finite) steps in all and in a row. `log()` reads them in one reduction across ranks
-    (# sync point), writes the record to log.jsonl / TensorBoard and shows it (progress-bar postfix on
-    a terminal, one plain line otherwise). Data-wait is host time spent in next(batches)."""
+    (non-finite) steps in all and in a row, and the sums of the `sources` (wcl_fast.diagnostics.Diagnostics,
+    wcl_fast.probe.OnlineProbe: `names`, `sums` [2, E] of numerators and denominators, `reset()`), each
+    logged as numerator sum / denominator sum (left out when that is 0). `log()` reads them in one reduction
+    across ranks (# sync point), writes the record to log.jsonl / TensorBoard and shows it (progress-bar
+    postfix on a terminal, one plain line otherwise). Data-wait is host time spent in next(batches)."""
 
     def __init__(self, logger: RunLogger, names, device, samples_per_step: int, epochs: int, steps_per_epoch: int,
-                 global_step: int):
+                 global_step: int, sources=()):
         import torch
 
+        self.sources = [source for source in sources if source is not None]
         self.logger, self.names, self.samples_per_step = logger, tuple(names), samples_per_step
         self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
         # [sum of each term..., finite steps]: one tensor, so one all-reduce per interval
@@ -213,10 +230,25 @@ class StepMeter:
 
     def log(self, global_step: int, epoch: int, step_in_epoch: int, lr: float, bar=None, extra: dict | None = None) -> dict:
         """Read, log and show the interval ending at `global_step`; returns its record."""
+        import torch
+
         from wcl_fast import dist as wdist
 
-        values = wdist.all_reduce_mean(self._sums).tolist()  # sync point
+        packed = self._sums
+        if self.sources:  # one reduction for the terms and every source's sums
+            packed = torch.cat([self._sums.double()] + [source.sums.reshape(-1).double() for source in self.sources])
+        values = wdist.all_reduce_mean(packed).tolist()  # sync point
         self.skipped_total, self.skipped_in_row = self._skipped.tolist()  # sync point (the same on all ranks)
+        ratios = {}
+        offset = len(self.names) + 1
+        for source in self.sources:
+            width = len(source.names)
+            for i, name in enumerate(source.names):
+                numerator, denominator = values[offset + i], values[offset + width + i]
+                if denominator > 0:
+                    ratios[name] = numerator / denominator
+            offset += 2 * width
+            source.reset()
         count = values[len(self.names)]
         if count == 0:  # every step of the interval was non-finite
             values[:len(self.names)], count = [float("nan")] * len(self.names), 1.0
@@ -225,7 +257,8 @@ class StepMeter:
         record = {name: values[i] / count for i, name in enumerate(self.names)}
         record.update({"lr": lr, "epoch": epoch, "samples_per_s": steps * self.samples_per_step / elapsed,
                        "data_wait": self.data_wait / elapsed, "failed_images": self.failed_images,
-                       "skipped_steps": self.skipped_total})
+                       "skipped_steps": self.skipped_total, **ratios})
+        record.update(extra or {})  # the objective's own counters, e.g. knn_unconverged: logged with the rest
         self.logger.scalars(global_step, record)
         seconds_per_step = elapsed / max(steps, 1)
         eta_epoch = (self.steps_per_epoch - step_in_epoch) * seconds_per_step
@@ -236,8 +269,6 @@ class StepMeter:
         else:
             self.logger.info(interval_line(epoch, self.epochs, step_in_epoch, self.steps_per_epoch, record, self.names,
                                            eta_epoch, eta_run))
-        for key, value in (extra or {}).items():  # the objective's own counters, e.g. knn_unconverged
-            record[key] = value
         if not math.isfinite(record["loss"]):
             self.logger.info(f"warning: non-finite loss at step {global_step}")
         self._sums.zero_()

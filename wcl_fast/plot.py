@@ -2,8 +2,11 @@
 
 Reads each run's `log.jsonl` (the trainer's interval records) and draws, against the global step,
 the loss and its terms, the learning rate, samples/s, the data-wait fraction and the kNN monitor's
-top-1 into one PNG (matplotlib, Agg backend: no display needed). Several runs are overlaid, one
-colour per run, with a legend; a resumed run's repeated steps are drawn once (the last record wins).
+top-1, and the diagnostics (docs/diagnostics.md): the weak-label components, the weak labels' precision,
+recall and purity against the classes with the two views' agreement, the embeddings' collapse statistic
+and cosine similarities, and the online probe's top-1, into one PNG (matplotlib, Agg backend: no display
+needed; a panel whose values a run did not log says so). Several runs are overlaid, one colour per run,
+with a legend; a resumed run's repeated steps are drawn once (the last record wins).
 """
 from __future__ import annotations
 
@@ -14,10 +17,18 @@ from pathlib import Path
 from wcl_fast.cli import ArgumentParser, command
 from wcl_fast.config import ConfigError
 
-PANELS = (("loss terms", None), ("learning rate", "lr"), ("samples/s", "samples_per_s"),
-          ("data-wait (%)", "data_wait"), ("kNN top-1 (%)", "knn_top1"))
+# (title, keys drawn in it: one line style per key); None: the loss and its terms
+PANELS = (("loss terms", None), ("learning rate", ("lr",)), ("samples/s", ("samples_per_s",)),
+          ("data-wait (%)", ("data_wait",)), ("kNN top-1 (%)", ("knn_top1",)),
+          ("weak-label components", ("wl_components", "wl_mean_size", "wl_max_size")),
+          ("weak labels vs classes", ("wl_precision", "wl_recall", "wl_purity", "wl_view_ari", "wl_edge_agreement")),
+          ("embeddings: collapse, cosines", ("collapse_z", "collapse_u", "pos_cos_z", "neg_cos_z")),
+          ("online probe top-1 (%)", ("probe_top1", "probe_val_top1")))
+COLUMNS = 5  # panels per row
 NOT_LOSS_TERMS = {"step", "time", "lr", "epoch", "samples_per_s", "data_wait", "failed_images", "skipped_steps",
                   "knn_top1", "knn_top5", "knn_count", "knn_unreadable", "replica_divergence", "knn_unconverged"}
+DIAGNOSTIC_PREFIXES = ("wl_", "probe_", "collapse_", "pos_cos_", "neg_cos_")  # wcl_fast.diagnostics, wcl_fast.probe
+MONITOR_KEYS = {"knn_top1", "probe_val_top1"}  # once per kNN monitor: drawn with markers
 
 
 class PlotError(ConfigError):
@@ -60,7 +71,8 @@ def loss_terms(records: list[dict]) -> list[str]:
         if "loss" not in record:
             continue
         for key, value in record.items():
-            if key not in NOT_LOSS_TERMS and isinstance(value, (int, float)) and key not in names:
+            if key not in NOT_LOSS_TERMS and not key.startswith(DIAGNOSTIC_PREFIXES) and isinstance(value, (int, float)) \
+                    and key not in names:
                 names.append(key)
     return sorted(names, key=lambda name: (name != "loss", names.index(name)))
 
@@ -73,28 +85,31 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, labels: list[str] | N
     import matplotlib.pyplot as plt
 
     runs = [(labels[i] if labels else Path(d).name or str(d), read_log(d)) for i, d in enumerate(run_dirs)]
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.6))
-    styles = ("-", "--", ":", "-.")
+    rows = -(-len(PANELS) // COLUMNS)
+    fig, grid = plt.subplots(rows, COLUMNS, figsize=(4.2 * COLUMNS, 3.6 * rows), squeeze=False)
+    axes = list(grid.flat)
+    for ax in axes[len(PANELS):]:
+        ax.set_visible(False)
+    styles = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))  # one per line of a panel
     for run_index, (label, records) in enumerate(runs):
         colour = f"C{run_index % 10}"
-        for (title, key), ax in zip(PANELS, axes):
-            if key is None:  # the loss and its terms, one line style per term
-                for term_index, term in enumerate(loss_terms(records)):
-                    points = [(r["step"], r[term]) for r in records if isinstance(r.get(term), (int, float))]
-                    if points:
-                        ax.plot(*zip(*points), styles[term_index % len(styles)], color=colour,
-                                label=f"{label}: {term}" if len(runs) > 1 else term)
-                continue
-            points = [(r["step"], 100 * r[key] if key == "data_wait" else r[key])
-                      for r in records if isinstance(r.get(key), (int, float))]
-            if points:
-                ax.plot(*zip(*points), "o-" if key == "knn_top1" else "-", color=colour, label=label)
-    for (title, key), ax in zip(PANELS, axes):
+        for (title, keys), ax in zip(PANELS, axes):
+            names = loss_terms(records) if keys is None else keys  # the loss and its terms, or the panel's keys
+            for key_index, key in enumerate(names):
+                points = [(r["step"], 100 * r[key] if key == "data_wait" else r[key])
+                          for r in records if isinstance(r.get(key), (int, float))]
+                if not points:
+                    continue
+                single = keys is not None and len(keys) == 1
+                name = label if single else (f"{label}: {key}" if len(runs) > 1 else key)
+                ax.plot(*zip(*points), linestyle=styles[key_index % len(styles)], color=colour, label=name,
+                        marker="o" if key in MONITOR_KEYS else None)
+    for (title, keys), ax in zip(PANELS, axes):
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         if ax.lines:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7 if len(ax.lines) <= 6 else 5)
         else:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
     fig.tight_layout()

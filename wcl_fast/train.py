@@ -9,7 +9,6 @@ wcl_fast/dist.py, signals in wcl_fast/signals.py, the objectives in wcl_fast/obj
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -18,19 +17,23 @@ from tqdm import tqdm
 
 from wcl_fast import dist as wdist
 from wcl_fast.checkpoint import (CHECKPOINT_NAME, Checkpointer, CheckpointWriteError, NonFiniteError, RunLock,
-                                 remove_stale_temporaries, resolve_resume, resume)
+                                 remove_stale_temporaries, resolve_resume, resume, resume_probe)
 from wcl_fast.cli import command, config_arguments
 from wcl_fast.config import Config, ConfigError, check_out_dir, check_paths, load_config, to_yaml
-from wcl_fast.log import RunLogger, StepMeter, provenance, use_progress_bar
+from wcl_fast.log import RunLogger, StepMeter, diagnostics_suffix, provenance, use_progress_bar
 from wcl_fast.model import build_model
 from wcl_fast import objectives
 from wcl_fast.optim import LARS, base_learning_rate, build_optimizer, learning_rate
+from wcl_fast.probe import OnlineProbe
 from wcl_fast.runtime import autocast_dtype
-from wcl_fast.signals import StopRequest, requeue_slurm_job
+from wcl_fast.signals import EXIT_DATA, StopRequest, end_loader_workers, final_line, requeue_slurm_job, run_program
 
 # exit codes of main(): 0 finished or stopped by a signal with a checkpoint (resume=auto continues),
 # 2 user error (config, paths, checkpoint), 3 non-finite training stopped, 4 a checkpoint write failed,
-# 5 the device ran out of memory (the last checkpoint is intact; docs/memory.md)
+# 5 the device ran out of memory (the last checkpoint is intact; docs/memory.md), 6 the training data could
+# not be read (a read past data.read_timeout, named; unreadable data; a loader worker killed), 128 + N
+# aborted by a second signal N; 1 an unexpected error (its traceback, then one line). Every exit but 0 and 2
+# ends the loader's worker processes and threads, however they are blocked (docs/running.md, faults).
 EXIT_NONFINITE, EXIT_WRITE, EXIT_OOM = 3, 4, 5
 
 
@@ -162,6 +165,9 @@ def train_step(objective, ddp, batch, step: int, total_steps: int, autocast, opt
         ok = optimizer.last_step_ok
         buffers.restore_unless(ok)
     objective.after_step(ok)
+    observe = getattr(objective, "observe", None)  # objectives.Objective's; a stand-in objective may have none
+    if observe is not None:
+        observe(batch)  # device-side diagnostics of this step (docs/diagnostics.md)
     return terms, ok
 
 
@@ -214,12 +220,19 @@ def _train(cfg: Config, ctx: wdist.DistContext) -> dict:
     objective = objectives.build_objective(cfg, model, ctx, training_set(cfg, ctx, loader.num_samples))
     if state is not None:
         objective.load_state_dict(state.get("objective", {}))
+    probe = OnlineProbe.build(cfg, model, device)  # train.online_probe (wcl_fast/probe.py); None when off
+    if probe is not None and state is not None:
+        resume_probe(probe, state, resume_path, logger.info)
     autocast = objectives.autocast_factory(device, autocast_dtype(cfg.train.precision))
     checkpoints = Checkpointer(out_dir / CHECKPOINT_NAME, cfg, ctx, steps_per_epoch, model, optimizer, scaler, objective,
-                               last_good=(resume_path, start_epoch, start_step, global_step) if state else None)
+                               last_good=(resume_path, start_epoch, start_step, global_step) if state else None,
+                               probe=probe)
     meter = StepMeter(logger, objective.term_names, device, cfg.data.batch_size, cfg.train.epochs, steps_per_epoch,
-                      global_step)
-    stop = StopRequest(ctx.distributed, ctx.rank, every_s=60.0 * cfg.train.checkpoint_every_minutes)
+                      global_step, sources=(objective.diagnostics, probe))
+    from pipelines.images import reads_in_flight
+
+    stop = StopRequest(ctx.distributed, ctx.rank, every_s=60.0 * cfg.train.checkpoint_every_minutes,
+                       reads=reads_in_flight, read_timeout=cfg.data.read_timeout, last_good=checkpoints.last_good_text)
     stop.install()
     by_signal = False
 
@@ -251,6 +264,8 @@ def _train(cfg: Config, ctx: wdist.DistContext) -> dict:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 terms, ok = train_step(objective, ddp, batch, global_step, total_steps, autocast, optimizer, scaler)
+                if probe is not None:
+                    probe.step(batch)  # on the detached features of this step's forward
                 meter.add(terms, ok)
                 global_step += 1
                 step_in_epoch += 1
@@ -290,12 +305,17 @@ def _train(cfg: Config, ctx: wdist.DistContext) -> dict:
             checkpoints.save(epoch + 1, 0, global_step)
             stop.saved()
             where = f"in the kNN monitor after epoch {epoch}"
-            end_of_epoch(cfg, ctx, model, logger, epoch, global_step, summary, checkpoints.path)
+            end_of_epoch(cfg, ctx, model, logger, epoch, global_step, summary, checkpoints.path, probe)
     except torch.cuda.OutOfMemoryError as exc:  # nothing is written: the last checkpoint stays as it was
         stop.restore(wait=False)
         raise OutOfMemory(out_of_memory_message(exc, plan, cfg, device, where, checkpoints.last_good_text())) from None
-    except BaseException:
+    except BaseException as exc:
         stop.restore(wait=False)  # other ranks may not reach the reduction in flight
+        from pipelines.pil import loader_failure, DataStop
+
+        failure = loader_failure(exc)  # unreadable data, a dead loader worker: one line, exit EXIT_DATA
+        if failure is not None:
+            raise DataStop(f"{failure}; {checkpoints.last_good_text()}") from None
         raise
     stop.restore()
     wall = time.perf_counter() - wall_start
@@ -303,7 +323,7 @@ def _train(cfg: Config, ctx: wdist.DistContext) -> dict:
                    mean_samples_per_s=(global_step - first_step) * cfg.data.batch_size / max(wall, 1e-9))
     if cfg.knn.at_end and not stopped:
         try:
-            run_knn(cfg, model, device, logger, global_step, summary)
+            run_knn(cfg, model, device, logger, global_step, summary, probe)
         except torch.cuda.OutOfMemoryError as exc:
             raise OutOfMemory(out_of_memory_message(exc, plan, cfg, device, "in the final kNN monitor",
                                                     checkpoints.last_good_text())) from None
@@ -374,7 +394,7 @@ def warn_cpu_bf16(cfg: Config, device: torch.device, logger: RunLogger) -> None:
 
 
 def end_of_epoch(cfg: Config, ctx, model, logger: RunLogger, epoch: int, global_step: int, summary: dict,
-                 checkpoint: Path) -> None:
+                 checkpoint: Path, probe=None) -> None:
     """After an epoch's checkpoint: the replica check across ranks, the epoch line, the periodic kNN monitor."""
     divergence = wdist.replica_divergence(model)
     logger.scalars(global_step, {"replica_divergence": divergence})
@@ -382,12 +402,14 @@ def end_of_epoch(cfg: Config, ctx, model, logger: RunLogger, epoch: int, global_
         logger.info(f"warning: parameters differ across ranks (max checksum difference {divergence:.3e})")
     if ctx.is_main:
         logger.info(f"epoch {epoch} done: loss {summary.get('loss', float('nan')):.4f}, "
-                    f"{summary.get('samples_per_s', 0):.1f} samples/s, checkpoint {checkpoint}")
+                    f"{summary.get('samples_per_s', 0):.1f} samples/s, checkpoint {checkpoint}"
+                    f"{diagnostics_suffix(summary)}")  # the last interval's weak labels, collapse, probe
     if cfg.knn.every_epochs > 0 and (epoch + 1) % cfg.knn.every_epochs == 0 and epoch + 1 < cfg.train.epochs:
-        run_knn(cfg, model, ctx.device, logger, global_step, summary)
+        run_knn(cfg, model, ctx.device, logger, global_step, summary, probe)
 
 
-def run_knn(cfg: Config, model, device, logger: RunLogger, step: int, summary: dict) -> None:
+def run_knn(cfg: Config, model, device, logger: RunLogger, step: int, summary: dict, probe=None) -> None:
+    """The kNN monitor and, with train.online_probe, the probe's validation top-1 beside it."""
     from wcl_fast.knn import evaluate_knn
 
     result = evaluate_knn(model.net, cfg, device)
@@ -396,6 +418,11 @@ def run_knn(cfg: Config, model, device, logger: RunLogger, step: int, summary: d
                           "knn_unreadable": result["skipped"]})
     logger.info(f"kNN monitor (k={cfg.knn.k}, T={cfg.knn.temperature}, {result['count']} test images): "
                 f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%")
+    if probe is not None:
+        probed = probe.evaluate(cfg, model.net, device)
+        summary["probe_val_top1"] = probed["top1"]
+        logger.scalars(step, {"probe_val_top1": probed["top1"]})
+        logger.info(f"online linear probe ({probed['count']} test images): top-1 {probed['top1']:.2f}%")
 
 
 def parse_args(argv=None):
@@ -412,17 +439,41 @@ def main(argv=None) -> int:
     ctx = wdist.init_distributed()
     try:
         train(cfg, ctx)
-    except NonFiniteError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_NONFINITE
-    except CheckpointWriteError as exc:
-        print(f"error: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_WRITE
-    except OutOfMemory as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_OOM
+    except BaseException as exc:
+        end_loader_workers()  # none may outlive the run, or hold its exit: one may be blocked in a read
+        code, line = exit_status(exc)
+        if code is None:
+            raise  # a user error (command: exit 2) or an unexpected one (run_program: the traceback, one line)
+        final_line(line)
+        return code
     return 0
 
 
+def exit_status(exc: BaseException) -> tuple[int | None, str]:
+    """(main()'s exit code, its one line) for an exception that ends training; (None, "") when it propagates."""
+    from pipelines.images import DataStop
+
+    if isinstance(exc, NonFiniteError):
+        return EXIT_NONFINITE, str(exc)
+    if isinstance(exc, CheckpointWriteError):
+        return EXIT_WRITE, str(exc.strerror or exc)
+    if isinstance(exc, OutOfMemory):
+        return EXIT_OOM, str(exc)
+    if isinstance(exc, DataStop):
+        return EXIT_DATA, str(exc)
+    if isinstance(exc, KeyboardInterrupt):  # Abort (a second signal), or SIGINT before the handlers were installed
+        import signal
+
+        signum = getattr(exc, "signum", signal.SIGINT)
+        return 128 + signum, str(exc) or f"interrupted by {signal.Signals(signum).name} outside the training loop"
+    import re
+
+    lost = re.search(r"Connection (?:closed|reset) by peer(?: \[[^\]]*\]:\d+)?", str(exc)) if isinstance(exc, RuntimeError) else None
+    if lost is not None and wdist.world_size() > 1:  # a collective whose peer process is gone: its own line says why
+        return 1, (f"lost the connection to another rank, which ended first (its own error line says why): "
+                   f"{lost.group(0)}; checkpoints are written whole, so the last one is intact")
+    return None, ""
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_program(main)

@@ -4,9 +4,10 @@
     objective.on_epoch_start(epoch, start_step)                       # e.g. re-clustering
     terms = objective.losses(ddp, batch, global_step, total_steps, autocast)  # {'loss': total, ...}
     objective.after_step(ok)                                          # EMA update, enqueue (not on a skipped step)
+    objective.observe(batch)                                          # device-side diagnostics of the step
     objective.interval_values()                                       # own counters for the log (sync point)
     objective.state_dict() / load_state_dict(state)                   # checkpointed with the model
-The step itself (losses, backward, optimizer, after_step) is wcl_fast.train.train_step. A method is one
+The step itself (losses, backward, optimizer, after_step, observe) is wcl_fast.train.train_step. A method is one
 module of this package: its pure loss functions and its Objective subclass, registered with
 @register("name"); `loss.objective` picks it.
 """
@@ -88,6 +89,8 @@ class Objective:
         self.cfg, self.model, self.ctx, self.data = cfg, model, ctx, data
         self.num_samples = data.num_samples
         self.flags: dict = {}  # device-side counters read at log intervals (knn: unconverged labellings)
+        self.graph: dict = {}  # the last step's weak-label graph, where the method has one (wcl: 'labels', 'nn')
+        self.diagnostics = None  # wcl_fast.diagnostics.Diagnostics, set by build_objective (train.diagnostics)
 
     def on_epoch_start(self, epoch: int, start_step: int) -> None:
         pass
@@ -98,6 +101,12 @@ class Objective:
     def after_step(self, ok: torch.Tensor | None = None) -> None:
         """State updates after the optimizer step; `ok` False (device bool): the step was skipped, leave
         the state as it was."""
+
+    def observe(self, batch) -> None:
+        """After the step: its weak-label graph, embeddings and the batch's class labels into the device-side
+        diagnostics (docs/diagnostics.md); labels are read there only, never by the loss. No host read."""
+        if self.diagnostics is not None:
+            self.diagnostics.observe(batch, self.graph)
 
     def interval_values(self) -> dict:
         """The objective's own counters for the log record of an interval, reset for the next one
@@ -139,7 +148,12 @@ def two_heads(cfg: Config) -> bool:
 def build_objective(cfg: Config, model: torch.nn.Module, ctx: wdist.DistContext, data: TrainingSet | int) -> Objective:
     """The objective of `loss.objective`; data: a TrainingSet, or just the number of samples."""
     data = TrainingSet(data) if isinstance(data, int) else data
-    return objective_class(cfg)(cfg, model, ctx, data)
+    objective = objective_class(cfg)(cfg, model, ctx, data)
+    if cfg.train.diagnostics:  # its forward hook goes on after the objective's own copies (an EMA key encoder)
+        from wcl_fast.diagnostics import Diagnostics
+
+        objective.diagnostics = Diagnostics(model, ctx.device)
+    return objective
 
 
 def autocast_factory(device: torch.device, dtype: torch.dtype | None):

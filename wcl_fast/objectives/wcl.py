@@ -45,10 +45,16 @@ def weak_labels_sharded(u_local: torch.Tensor, u_all: torch.Tensor, offset: int)
     (global ids offset..offset+b) among all N keys, the indices are all-gathered in rank order, and
     every rank labels the same graph, so all ranks hold identical labels (no rank-0 scatter).
     """
+    return kernels.connected_components(nearest_sharded(u_local, u_all, offset))  # [N]
+
+
+@torch.no_grad()
+def nearest_sharded(u_local: torch.Tensor, u_all: torch.Tensor, offset: int) -> torch.Tensor:
+    """The 1-NN graph [N] of weak_labels_sharded: each rank's rows searched among all N keys, gathered."""
     rows = torch.arange(u_local.shape[0], device=u_local.device) + offset
     columns = torch.arange(u_all.shape[0], device=u_all.device)
     local_nn = kernels.nearest_neighbor(u_local.detach(), u_all.detach(), rows, columns)  # [b]
-    return kernels.connected_components(wdist.gather_rows(local_nn))  # [N]
+    return wdist.gather_rows(local_nn)  # [N]
 
 
 def _knn_crops(u1: torch.Tensor, u2: torch.Tensor, u_local: torch.Tensor | None,
@@ -80,21 +86,26 @@ def _knn_crops(u1: torch.Tensor, u2: torch.Tensor, u_local: torch.Tensor | None,
 
 
 def _knn_labels(nn_idx: torch.Tensor, b: int, crops: int, key_image: torch.Tensor, n: int,
-                fixed_blocks: int | None):
+                fixed_blocks: int | None, graph: dict | None = None):
     """Image labels from this rank's 1-NN indices: all ranks' indices are gathered (rank order) and
-    every rank labels the same image graph (edges: query image - image of its 1-NN crop)."""
+    every rank labels the same image graph (edges: query image - image of its 1-NN crop).
+    graph: a dict that receives 'nn', the image of each global crop's 1-NN per view ([N] each)."""
     world = wdist.world_size()
     if world > 1:
         nn_idx = wdist.gather_rows(nn_idx)
     ids = torch.arange(b, device=nn_idx.device)
     per_rank = torch.cat([ids, ids] + ([ids.repeat(crops)] if crops else []))
     query_image = torch.cat([per_rank + r * b for r in range(world)])
-    return kernels.connected_components_edges(query_image, key_image[nn_idx], n, fixed_blocks=fixed_blocks)
+    target = key_image[nn_idx]
+    if graph is not None:  # rank-major blocks of (2 + crops) x b queries: view 1, view 2, the local crops
+        blocks = target.view(world, 2 + crops, b)
+        graph["nn"] = (blocks[:, 0].reshape(-1), blocks[:, 1].reshape(-1))
+    return kernels.connected_components_edges(query_image, target, n, fixed_blocks=fixed_blocks)
 
 
 def knn_graph_rows_fused(u1: torch.Tensor, u2: torch.Tensor, u_local: torch.Tensor | None,
                          u1_all: torch.Tensor, u2_all: torch.Tensor, tau: float,
-                         fixed_blocks: int | None = None, backend: str = "auto"):
+                         fixed_blocks: int | None = None, backend: str = "auto", graph: dict | None = None):
     """Head 2 of the knn rule from ONE similarity pass (the "fused similarity matrix" path).
 
     kernels.similarity_nearest_neighbor computes, for this rank's crops [u1; u2; u_local] against all
@@ -103,6 +114,7 @@ def knn_graph_rows_fused(u1: torch.Tensor, u2: torch.Tensor, u_local: torch.Tens
     for both. Labels follow from the gathered indices; the loss rows then equal _knn_graph_rows with
     those labels (the two-pass form of tests/knn_two_pass.py): global crops exclude their own column, positives = keys of same-label images.
     Returns (per-anchor losses [(2+L)b] fp32 in [u1, u2, local] order, labels [N], converged or None).
+    graph: a dict that receives the weak-label graph for wcl_fast/diagnostics.py ('labels', 'nn').
     """
     queries, query_image, keys, key_image, n = _knn_crops(u1, u2, u_local, u1_all, u2_all)
     b = u1.shape[0]
@@ -110,8 +122,10 @@ def knn_graph_rows_fused(u1: torch.Tensor, u2: torch.Tensor, u_local: torch.Tens
     nn_idx, logits = kernels.similarity_nearest_neighbor(queries, keys, query_image, key_image, tau,
                                                          logit_columns=2 * n, backend=backend)
     with torch.no_grad():
-        result = _knn_labels(nn_idx, b, crops, key_image, n, fixed_blocks)
+        result = _knn_labels(nn_idx, b, crops, key_image, n, fixed_blocks, graph)
     labels, converged = result if fixed_blocks is not None else (result, None)
+    if graph is not None:
+        graph["labels"] = (labels,)
     rows = query_image[:b]
     own = one_hot_columns(torch.cat([rows, rows + n]), 2 * n)  # the global anchors' own columns
     self_mask = torch.cat([own, own.new_zeros(crops * b, 2 * n)])
@@ -186,11 +200,15 @@ def wcl_loss(z1: torch.Tensor, z2: torch.Tensor, u1: torch.Tensor, u2: torch.Ten
 KNN_LABEL_BLOCKS = 2  # sync-free image-graph labelling: 2 blocks of ceil(log2 N) + 1 hook/compress rounds
 
 
-def compute_loss(cfg: Config, z_global, u_global, z_local, u_local, rank: int, flags: dict | None = None):
+def compute_loss(cfg: Config, z_global, u_global, z_local, u_local, rank: int, flags: dict | None = None,
+                 graph: dict | None = None):
     """Gather the keys across ranks and evaluate the WCL terms for this rank's anchors.
 
     flags: optional dict; in knn mode its 'unconverged' entry (device tensor) counts labellings that
     did not converge within KNN_LABEL_BLOCKS (read at log intervals only).
+    graph: optional dict that receives the weak-label graph the loss used, for wcl_fast/diagnostics.py:
+    'labels' (inherit: (y1, y2); knn: (y,) of the image graph) and 'nn' (the two views' 1-NN, [N] each;
+    knn: the image of each global crop's 1-NN). The same on every rank.
     """
     differentiable = cfg.loss.gather == "differentiable"
     z1, z2 = z_global.chunk(2)  # [b, D] each
@@ -201,13 +219,16 @@ def compute_loss(cfg: Config, z_global, u_global, z_local, u_local, rank: int, f
         graph_tau = cfg.loss.tau if cfg.loss.graph_tau is None else cfg.loss.graph_tau
         graph_rows, _, converged = knn_graph_rows_fused(u1, u2, u_local, gathered[2], gathered[3], graph_tau,
                                                         fixed_blocks=KNN_LABEL_BLOCKS,
-                                                        backend=cfg.loss.similarity_backend)
+                                                        backend=cfg.loss.similarity_backend, graph=graph)
         if flags is not None:
             flags["unconverged"] = flags.get("unconverged", 0) + (~converged).to(torch.float32)
         nce = nce_rows(z1, z2, gathered[0], gathered[1], offset, cfg.loss.tau, z_local).mean()
         return WCLTerms(nce, graph_rows.mean())
     # one path for one and many processes: each rank searches its own rows, every rank gets the same labels
-    labels = (weak_labels_sharded(u1, gathered[2], offset), weak_labels_sharded(u2, gathered[3], offset))
+    nn = (nearest_sharded(u1, gathered[2], offset), nearest_sharded(u2, gathered[3], offset))
+    labels = (kernels.connected_components(nn[0]), kernels.connected_components(nn[1]))  # weak_labels_sharded's
+    if graph is not None:
+        graph.update(labels=labels, nn=nn)
     return wcl_loss_terms(z1, z2, u1, u2, *gathered, offset=offset, tau=cfg.loss.tau,
                           z_local=z_local, u_local=u_local, labels=labels, graph_tau=cfg.loss.graph_tau)
 
@@ -223,5 +244,6 @@ class WCLObjective(Objective):
     def losses(self, ddp, batch, step, total_steps, autocast):
         with autocast():
             z_global, u_global, z_local, u_local = ddp(batch.globals, batch.locals)
-        terms = compute_loss(self.cfg, z_global, u_global, z_local, u_local, self.ctx.rank, self.flags)
+        self.graph = {}  # this step's weak-label graph, read by wcl_fast/diagnostics.py
+        terms = compute_loss(self.cfg, z_global, u_global, z_local, u_local, self.ctx.rank, self.flags, self.graph)
         return {"loss": terms.nce + self.cfg.loss.graph_weight * terms.graph, "nce": terms.nce, "graph": terms.graph}
