@@ -304,6 +304,11 @@ def test_step_bench_reports_both_paths(tmp_path, objective):
     assert full["flops_per_step"] >= enc["flops_per_step"] > 0  # the full step adds the heads' work
     assert full["ops_per_step"] > enc["ops_per_step"] > 100  # heads, loss, graph, optimizer on top
     assert result["projected_8gpu_epoch_s"] == pytest.approx(1_281_167 / (full["samples_per_s"] * 8))
+    bare = result["no_diag"]  # the same step with train.diagnostics off: fewer operators, the ratio reported
+    assert enc["ops_per_step"] < bare["ops_per_step"] < full["ops_per_step"]
+    assert result["diagnostics_overhead"] == pytest.approx(full["s_per_step"] / bare["s_per_step"] - 1)
+    assert 0 < result["diagnostics_observe_s"] < full["s_per_step"]
+    assert result["diagnostics_observe_share"] == pytest.approx(result["diagnostics_observe_s"] / full["s_per_step"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

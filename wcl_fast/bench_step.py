@@ -8,7 +8,9 @@ data.batch_size is the batch of this one device. Side by side in one run (altern
 round of each): (a) encoder forward + backward of the 2 global + L local crops (one pass per
 resolution, as the trainer), (b) the full step of loss.objective (heads, gathers, 1-NN graph and
 components for WCL, both losses, backward, LARS update, EMA/queue update where the objective has
-one). Prints samples/s, the overhead of (b) over (a), peak memory, FLOPs per step (torch's
+one), and (c) that step without train.diagnostics (docs/diagnostics.md §6: their cost is (b) over (c), and
+their work alone, Diagnostics.observe repeated on one step's graph and embeddings, as a share of (b)).
+Prints samples/s, the overhead of (b) over (a), peak memory, FLOPs per step (torch's
 FlopCounterMode), device operators per step (ATen calls that launch work, views excluded: on a GPU
 about one kernel each, so (b) - (a) times a few microseconds is the launch-bound floor of the
 overhead at small batches), achieved TFLOP/s and MFU on known GPUs, and a PROJECTED 8-GPU ImageNet epoch
@@ -132,28 +134,59 @@ def run(cfg, steps: int, warmup: int, rounds: int, scaling: float) -> dict:
         h.backward()
         model.zero_grad(set_to_none=True)
 
+    diagnostics = objective.diagnostics  # train.diagnostics (docs/diagnostics.md): timed on and off
+
     def full_step():
+        objective.diagnostics = diagnostics
         train_step(objective, model, batch, counter["step"], 10_000, autocast, optimizer)  # the trainer's step
         counter["step"] += 1
 
-    results = {"encoder": [], "full": []}
+    def bare_step():  # the same step with train.diagnostics=false: no forward hook, no observe
+        objective.diagnostics = None
+        diagnostics.suspend()
+        try:
+            train_step(objective, model, batch, counter["step"], 10_000, autocast, optimizer)
+        finally:
+            diagnostics.resume()
+        counter["step"] += 1
+
+    variants = [("encoder", encoder_step), ("full", full_step)] + ([("no_diag", bare_step)] if diagnostics else [])
+    results = {name: [] for name, _ in variants}
     peak = {}
-    for name, fn in (("encoder", encoder_step), ("full", full_step)):  # warm-up (compilation, allocator)
+    for name, fn in variants:  # warm-up (compilation, allocator)
         for _ in range(warmup):
             fn()
     for _ in range(rounds):
-        for name, fn in (("encoder", encoder_step), ("full", full_step)):
+        for name, fn in variants:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             results[name].append(_timed(fn, steps, device))
             if device.type == "cuda":
                 peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated(device))
-    flops = {"encoder": _flops(encoder_step), "full": _flops(full_step)}
-    ops = {"encoder": _op_count(encoder_step), "full": _op_count(full_step)}
+    observe_s = None
+    if diagnostics:  # observe() alone, on one step's graph and embeddings, repeated: its cost without the step's noise
+        seen, observe = {}, diagnostics.observe
+
+        def spy(batch_, graph):
+            seen.update(graph=graph, outputs=diagnostics._outputs)
+            observe(batch_, graph)
+
+        diagnostics.observe = spy
+        full_step()
+        diagnostics.observe = observe
+
+        def observe_only():
+            diagnostics._outputs = seen["outputs"]
+            observe(batch, seen["graph"])
+
+        observe_s = min(_timed(observe_only, 5 * steps, device) for _ in range(rounds))
+        diagnostics.reset()
+    flops = {name: _flops(fn) for name, fn in variants}
+    ops = {name: _op_count(fn) for name, fn in variants}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     card = next((key for key in PEAK_BF16_TFLOPS if key in name), None)
     rows = {}
-    for key in ("encoder", "full"):
+    for key in results:
         seconds = min(results[key])
         tflops = flops[key] / seconds / 1e12
         rows[key] = {"s_per_step": seconds, "samples_per_s": b / seconds, "flops_per_step": flops[key], "ops_per_step": ops[key],
@@ -164,7 +197,11 @@ def run(cfg, steps: int, warmup: int, rounds: int, scaling: float) -> dict:
     result = {"device": name, "objective": cfg.loss.objective, "batch_per_device": b, "precision": cfg.train.precision,
               "crops": f"2x{cfg.data.global_size}" + (f" + {cfg.data.local_crops}x{cfg.data.local_size}" if cfg.data.local_crops else ""),
               "arch": cfg.model.arch, "steps": steps, "rounds": rounds, "encoder": rows["encoder"], "full": rows["full"],
-              "overhead": overhead, "projected_8gpu_epoch_s": projected, "scaling_assumed": scaling,
+              "overhead": overhead, "no_diag": rows.get("no_diag"),
+              "diagnostics_overhead": rows["full"]["s_per_step"] / rows["no_diag"]["s_per_step"] - 1 if diagnostics else None,
+              "diagnostics_observe_s": observe_s,
+              "diagnostics_observe_share": observe_s / rows["full"]["s_per_step"] if diagnostics else None,
+              "projected_8gpu_epoch_s": projected, "scaling_assumed": scaling,
               "compute_limit_epoch_s": COMPUTE_LIMIT_EPOCH_S.get(card) if card else None,
               "date": time.strftime("%Y-%m-%d")}
     return result
@@ -258,14 +295,21 @@ def format_table(r: dict) -> str:
     lines = [f"step bench: {r['arch']} {r['objective']}, {r['crops']} crops, batch {r['batch_per_device']} per device, "
              f"{r['precision']}, {r['device']}",
              f"{'':<10}{'samples/s':>11}{'ms/step':>10}{'GFLOP/step':>12}{'ops/step':>10}{'TFLOP/s':>9}{'MFU':>7}{'peak GB':>9}"]
-    for key, label in (("encoder", "(a) enc."), ("full", "(b) full")):
-        row = r[key]
+    for key, label in (("encoder", "(a) enc."), ("full", "(b) full"), ("no_diag", "(c) -diag")):
+        row = r.get(key)
+        if row is None:
+            continue
         mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "-"
         mem = f"{row['peak_memory_gb']:.1f}" if row["peak_memory_gb"] is not None else "-"
         lines.append(f"{label:<10}{row['samples_per_s']:>11.1f}{1e3 * row['s_per_step']:>10.1f}"
                      f"{row['flops_per_step'] / 1e9:>12.1f}{row['ops_per_step']:>10}{row['tflops']:>9.2f}{mfu:>7}{mem:>9}")
     lines.append(f"overhead of the full step over the bare encoder: {100 * r['overhead']:+.1f}% "
                  f"({r['full']['ops_per_step'] - r['encoder']['ops_per_step']} more operators per step)")
+    if r.get("diagnostics_overhead") is not None:
+        lines.append(f"train.diagnostics: (b) over (c), the same step without them: {100 * r['diagnostics_overhead']:+.2f}% "
+                     f"({r['full']['ops_per_step'] - r['no_diag']['ops_per_step']} more operators per step); their work "
+                     f"alone (observe, repeated on one step's graph): {1e3 * r['diagnostics_observe_s']:.2f} ms, "
+                     f"{100 * r['diagnostics_observe_share']:.2f}% of (b)")
     limit = f" (compute limit {r['compute_limit_epoch_s']:.0f} s)" if r["compute_limit_epoch_s"] else ""
     lines.append(f"PROJECTION, not a measurement: 8-device ImageNet epoch {r['projected_8gpu_epoch_s']:.0f} s at "
                  f"scaling {r['scaling_assumed']:.2f}{limit}")

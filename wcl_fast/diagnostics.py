@@ -167,6 +167,7 @@ class Diagnostics:
     def __init__(self, model: torch.nn.Module, device: torch.device):
         self.sums = torch.zeros(2, len(self.names), dtype=torch.float64, device=device)
         self._outputs = None
+        self._module = model
         self._hook = model.register_forward_hook(self._capture)
 
     def _capture(self, module, args, outputs) -> None:
@@ -174,6 +175,15 @@ class Diagnostics:
 
     def remove(self) -> None:
         self._hook.remove()
+
+    def suspend(self) -> None:
+        """Takes the forward hook off, as train.diagnostics=false has it (wcl_fast.bench_step times both); resume()
+        puts it back."""
+        self._hook.remove()
+        self._outputs = None
+
+    def resume(self) -> None:
+        self._hook = self._module.register_forward_hook(self._capture)
 
     def reset(self) -> None:
         self.sums.zero_()
