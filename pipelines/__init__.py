@@ -128,7 +128,7 @@ def build_train_eval_loader(cfg: Config, batch_size: int, rank: int, world: int)
     pin = torch.cuda.is_available()
     if cfg.data.backend == "auto":
         resolve_backend(cfg)
-    if cfg.data.backend in ("reference", "dali", "ffcv"):  # ffcv: data.beton in record (= sample id) order
+    if cfg.data.backend in ("reference", "dali", "ffcv", "shards"):  # ffcv: data.beton in record (= sample id) order
         loader, count, _ = build_eval_loader(cfg.data, cfg.data.train_dir, "data.train_dir", batch_size, rank, world, pin,
                                              pretraining=True)  # the samples (and ids) training batches use
         return loader, count
@@ -159,6 +159,12 @@ def build_eval_loader(data_cfg, directory: str, key: str, batch_size: int, rank:
         from pipelines.dali import build_dali_eval_loader
 
         return build_dali_eval_loader(data_cfg, directory, key, batch_size, rank, world)
+    shards = {"data.val_dir": data_cfg.val_shards, "data.train_dir": data_cfg.shards}.get(key, "")
+    if data_cfg.backend == "shards" and shards:  # else (data.val_shards unset): the ImageFolder data.val_dir
+        from pipelines.shards import build_shard_eval_loader
+
+        return build_shard_eval_loader(data_cfg, shards, "data.val_shards" if key == "data.val_dir" else "data.shards",
+                                       batch_size, rank, world)
     beton = {"data.val_dir": data_cfg.val_beton, "data.train_dir": data_cfg.beton}.get(key, "")
     if data_cfg.backend == "ffcv" and beton:  # else: the ImageFolder with the reference transform
         from pipelines.ffcv import FFCVEvalLoader

@@ -617,3 +617,82 @@ class ShardLoader:
 
 def build_shard_loader(cfg, seed: int, rank: int, world: int, pin_memory: bool = False) -> ShardLoader:
     return ShardLoader(cfg, seed, rank, world, pin_memory)
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+
+class ShardEvalLoader:
+    """The evaluation transform (Resize + CenterCrop, pipelines.pil.EvalDataset's) over this rank's contiguous,
+    unpadded range of sample ids (pipelines.sampling.shard_range), in id order, read shard by shard (read ahead
+    as in training). An unreadable sample is left out and counted (batch.failed), never replaced."""
+
+    def __init__(self, cfg, shards: ShardList, batch_size: int, rank: int, world: int):
+        from pipelines.sampling import shard_range
+
+        self.cfg, self.shards, self.batch_size = cfg, shards, batch_size
+        self.ids = shard_range(shards.total, rank, world)
+        self.reads = ReadsInFlight()
+
+    def __len__(self) -> int:
+        return -(-len(self.ids) // self.batch_size)
+
+    def __iter__(self):
+        import torchvision.transforms.functional as TF
+
+        from pipelines.batch import collate_eval
+        from pipelines.reference import to_normalized_tensor
+
+        if not len(self.ids):
+            return
+        first, last = self.shards.locate(self.ids.start)[0], self.shards.locate(self.ids.stop - 1)[0]
+        cache = ShardCache(self.shards, self.cfg.shard_read_threads, self.cfg.shard_read_ahead, self.cfg.shard_retries,
+                           self.cfg.shard_backoff, self.reads)
+        items = []
+        try:
+            for shard in range(first, last + 1):
+                cache.want(range(shard, min(last, shard + self.cfg.shard_read_ahead) + 1))
+                samples, _ = cache.get(shard)
+                begin = max(self.ids.start, int(self.shards.starts[shard]))
+                end = min(self.ids.stop, int(self.shards.starts[shard + 1]))
+                for sample_id in range(begin, end):
+                    position = sample_id - int(self.shards.starts[shard])
+                    try:
+                        key, members = samples[position]
+                        image = image_member(members)
+                        if image is None:
+                            raise ValueError(f"no image member among .{', .'.join(members)}")
+                        label = parse_label(members, self.cfg.shard_label_key)
+                        img = load_rgb_or_gray(io.BytesIO(image[1]))
+                        img = TF.center_crop(TF.resize(img, self.cfg.eval_resize), self.cfg.eval_crop)
+                        items.append(([to_normalized_tensor(img, self.cfg.mean, self.cfg.std)], [], sample_id, label, 0))
+                    except Exception as exc:
+                        print(f"warning: left unreadable sample {position} of shard '{self.shards.urls[shard]}' (id "
+                              f"{sample_id}) out of the evaluation ({type(exc).__name__}: {exc})", file=sys.stderr)
+                        items.append(None)
+                    if len(items) == self.batch_size:
+                        yield collate_eval(items)
+                        items = []
+                cache.drop(shard)
+            if items:
+                yield collate_eval(items)
+        finally:
+            cache.close()
+
+
+def build_shard_eval_loader(cfg, spec, key: str, batch_size: int, rank: int, world: int):
+    """(loader over this rank's range of `spec`'s samples, total samples, number of classes). The classes come
+    from a manifest's list, else from the largest label found (which reads the labels of every shard once)."""
+    shards = resolve_shards(spec, key, cfg.shard_retries, cfg.shard_backoff)
+    if shards.classes:
+        num_classes = len(shards.classes)
+    else:
+        highest = -1
+        for url in shards.urls:
+            samples, _ = parse_tar(read_bytes(url, cfg.shard_retries, cfg.shard_backoff))
+            for _, members in samples:
+                try:
+                    highest = max(highest, parse_label(members, cfg.shard_label_key))
+                except Exception:
+                    pass
+        num_classes = highest + 1
+    return ShardEvalLoader(cfg, shards, batch_size, rank, world), shards.total, num_classes

@@ -336,7 +336,7 @@ def _dali_index(tar: Path) -> str:
 def _train_args(pattern, out_dir, *extra):
     return ["--config", str(SMOKE), f"train.out_dir={out_dir}", "data.backend=auto", f"data.shards={pattern}",
             "data.shard_streams=4", "data.batch_size=8", "data.workers=0", "data.local_crops=0", "train.epochs=2",
-            "train.log_interval=1", *extra]
+            "train.log_interval=1", "model.widths=[8,16,32,64]", *extra]
 
 
 def test_stop_mid_epoch_and_resume_auto_is_bit_exact_and_other_shards_are_refused(shard_dir, tmp_path, capsys):
@@ -344,13 +344,13 @@ def test_stop_mid_epoch_and_resume_auto_is_bit_exact_and_other_shards_are_refuse
 
     pattern = _pattern(shard_dir)
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    assert train_main(_train_args(pattern, straight, "train.stop_at_step=9")) == 0
-    assert train_main(_train_args(pattern, stopped, "train.stop_at_step=4")) == 0
+    assert train_main(_train_args(pattern, straight, "train.stop_at_step=7")) == 0
+    assert train_main(_train_args(pattern, stopped, "train.stop_at_step=3")) == 0
     state = torch.load(stopped / "checkpoint.pt", weights_only=False)
-    assert (state["epoch"], state["step_in_epoch"]) == (0, 4) and state["data_identity"]["counts"][-1] == 3
-    assert train_main(_train_args(pattern, stopped, "train.resume=auto", "train.stop_at_step=9")) == 0
+    assert (state["epoch"], state["step_in_epoch"]) == (0, 3) and state["data_identity"]["counts"][-1] == 3
+    assert train_main(_train_args(pattern, stopped, "train.resume=auto", "train.stop_at_step=7")) == 0
     a, b = torch.load(straight / "checkpoint.pt", weights_only=False), torch.load(stopped / "checkpoint.pt", weights_only=False)
-    assert a["global_step"] == b["global_step"] == 9
+    assert a["global_step"] == b["global_step"] == 7
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
     fewer = pattern.replace(pattern[pattern.index("..") + 2:pattern.index("}")], "008")
@@ -358,3 +358,50 @@ def test_stop_mid_epoch_and_resume_auto_is_bit_exact_and_other_shards_are_refuse
     assert train_main(_train_args(fewer, stopped, "train.resume=auto")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "other shards (10 shards (48 samples) there, 9 (45) here; missing here: s-009.tar)" in err[-1]
+
+
+def test_evaluation_reads_val_shards_in_id_order_with_the_reference_transform(folder, shard_dir):
+    from pipelines import build_eval_loader
+    from pipelines.images import ImageSource
+    from pipelines.pil import EvalDataset
+
+    cfg = _cfg(_pattern(shard_dir), f"data.val_shards={_pattern(shard_dir)}", "data.eval_resize=36", "data.eval_crop=32")
+    from pipelines import resolve_backend
+
+    resolve_backend(cfg)
+    reference = EvalDataset(ImageSource(*_split(folder)), cfg.data)
+    seen = []
+    for rank in (0, 1):
+        loader, total, classes = build_eval_loader(cfg.data, cfg.data.val_dir, "data.val_dir", 10, rank, 2)
+        assert (total, classes) == (48, 3)
+        for batch in loader:
+            for row, sample_id in enumerate(batch.index.tolist()):
+                image, _, _, label, _ = reference[sample_id]
+                assert torch.equal(batch.globals[row], image[0]) and batch.label[row].item() == label
+                seen.append(sample_id)
+    assert seen == list(range(48))
+
+
+def test_a_read_that_hangs_is_named_in_the_reads_in_flight(shard_dir, server):
+    import time
+
+    from pipelines.images import ReadsInFlight, reads_in_flight
+    from pipelines.shards import read_bytes
+
+    class Slow(_Handler):
+        def do_GET(self):
+            time.sleep(1.5)
+            super().do_GET()
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Slow, directory=str(shard_dir)))
+    httpd.faults, httpd.requests = {}, []
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/s-002.tar"
+    tracker, done = ReadsInFlight(), []
+    reader = threading.Thread(target=lambda: done.append(read_bytes(url, reads=tracker)))
+    reader.start()
+    time.sleep(0.8)
+    named = [what for what, seconds in reads_in_flight() if url in what]
+    reader.join()
+    httpd.shutdown()
+    assert named == [f"'{url}' (shard, try 1 of 1)"] and done[0] == (shard_dir / "s-002.tar").read_bytes()
