@@ -39,7 +39,8 @@ def _importable(module: str) -> bool:
 
 def choose_backend(data_cfg, cuda_available: bool | None = None, dali_available: bool | None = None) -> LoaderChoice:
     """Resolve `data.backend`. An explicit backend is kept. `auto` picks, in this order:
-    ffcv when data.beton is set (the user converted the data for it); the reference loader for the small
+    ffcv when data.beton is set (the user converted the data for it); the shard loader when data.shards is set;
+    the reference loader for the small
     datasets' own layouts (data.dataset other than imagefolder); DALI when CUDA and DALI are both
     available (nvJPEG decoding with device="mixed", augmentations in the DALI graph on the GPU);
     otherwise the reference PIL loader, with a warning saying why and how to get a fast loader."""
@@ -48,6 +49,8 @@ def choose_backend(data_cfg, cuda_available: bool | None = None, dali_available:
         return LoaderChoice(requested, requested, "data.backend set explicitly")
     if data_cfg.beton:
         return LoaderChoice("auto", "ffcv", f"auto: data.beton is set ({data_cfg.beton})")
+    if data_cfg.shards:
+        return LoaderChoice("auto", "shards", "auto: data.shards is set (WebDataset shards, streamed; docs/data.md)")
     if data_cfg.dataset != "imagefolder":  # the small datasets' own layouts (pipelines/datasets.py)
         return LoaderChoice("auto", "reference", f"auto: data.dataset={data_cfg.dataset} is read from its own files")
     cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
@@ -98,6 +101,10 @@ def build_loader(cfg: Config, split: str, rank: int, world: int):
         from pipelines.pil import build_train_loader
 
         return build_train_loader(cfg.data, cfg.train.seed, rank, world, pin)
+    if cfg.data.backend == "shards":
+        from pipelines.shards import build_shard_loader
+
+        return build_shard_loader(cfg.data, cfg.train.seed, rank, world, pin)
     if cfg.data.backend == "synthetic":
         from pipelines.synthetic import build_synthetic_loader
 
@@ -111,7 +118,7 @@ def build_loader(cfg: Config, split: str, rank: int, world: int):
 
         device = current_device()
         return FFCVMultiCropLoader(cfg.data, cfg.train.seed, rank, world, device, dtype=dtype)
-    raise ConfigError(f"data.backend: {cfg.data.backend!r} is not available; use reference, synthetic, dali or ffcv")
+    raise ConfigError(f"data.backend: {cfg.data.backend!r} is not available; use reference, synthetic, dali, ffcv or shards")
 
 
 def build_train_eval_loader(cfg: Config, batch_size: int, rank: int, world: int):
@@ -121,7 +128,7 @@ def build_train_eval_loader(cfg: Config, batch_size: int, rank: int, world: int)
     pin = torch.cuda.is_available()
     if cfg.data.backend == "auto":
         resolve_backend(cfg)
-    if cfg.data.backend in ("reference", "dali", "ffcv"):  # ffcv: data.beton in record (= sample id) order
+    if cfg.data.backend in ("reference", "dali", "ffcv", "shards"):  # ffcv: data.beton in record (= sample id) order
         loader, count, _ = build_eval_loader(cfg.data, cfg.data.train_dir, "data.train_dir", batch_size, rank, world, pin,
                                              pretraining=True)  # the samples (and ids) training batches use
         return loader, count
@@ -152,6 +159,12 @@ def build_eval_loader(data_cfg, directory: str, key: str, batch_size: int, rank:
         from pipelines.dali import build_dali_eval_loader
 
         return build_dali_eval_loader(data_cfg, directory, key, batch_size, rank, world)
+    shards = {"data.val_dir": data_cfg.val_shards, "data.train_dir": data_cfg.shards}.get(key, "")
+    if data_cfg.backend == "shards" and shards:  # else (data.val_shards unset): the ImageFolder data.val_dir
+        from pipelines.shards import build_shard_eval_loader
+
+        return build_shard_eval_loader(data_cfg, shards, "data.val_shards" if key == "data.val_dir" else "data.shards",
+                                       batch_size, rank, world)
     beton = {"data.val_dir": data_cfg.val_beton, "data.train_dir": data_cfg.beton}.get(key, "")
     if data_cfg.backend == "ffcv" and beton:  # else: the ImageFolder with the reference transform
         from pipelines.ffcv import FFCVEvalLoader

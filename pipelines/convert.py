@@ -1,10 +1,12 @@
-"""ImageFolder -> FFCV .beton (image, label), for data.backend=ffcv and for stock FFCV code.
+"""ImageFolder -> FFCV .beton (image, label), for data.backend=ffcv and for stock FFCV code; or -> WebDataset shards.
 
     python -m pipelines.convert --src /data/imagenet/train --out /data/imagenet/train_512.beton \
         [--max-resolution 512] [--jpeg-quality 90] [--write-mode jpg|raw|proportion] [--workers N] [--force]
         [--compress-probability 0.5] [--index-field]
     python -m pipelines.convert --src /data/imagenet/val --out val.beton --val-labels LOC_val_solution.csv \
         --train-dir /data/imagenet/train      # a flat ILSVRC2012 validation folder (devkit: + --val-synsets meta.mat)
+    python -m pipelines.convert --format wds --src /data/imagenet/train --out /data/imagenet/train-wds --shard-size 1000
+        # WebDataset tar shards, DALI .idx files and manifest.json (pipelines/wds_write.py, docs/data.md)
 
 1. Validates the source: class folders (sorted, ids as the reference loader / torchvision assign
    them), empty class folders and non-image files are reported. Every image is decoded once, in FFCV's
@@ -301,6 +303,23 @@ def convert(src: str, out: str, max_resolution: int | None = 512, jpeg_quality: 
     return summary
 
 
+def convert_to_shards(src: str, out: str, shard_size: int, prefix: str = "shard", shuffle_seed: int | None = 0,
+                      workers: int = 1, force: bool = False, quiet: bool = False, val_labels: str = "",
+                      val_synsets: str = "", train_dir: str = "") -> dict:
+    """--format wds: the same inputs as convert() (an ImageFolder, or a flat validation folder with its labels)
+    written as WebDataset shards with DALI index files and a manifest (pipelines/wds_write.py)."""
+    from pipelines.wds_write import convert_wds
+
+    src_path = Path(src)
+    if val_labels:
+        samples, classes, empty, other = flat_source(src_path, val_labels, val_synsets, train_dir)
+    else:
+        samples, classes, empty, other = scan_source(src_path)
+    say = (lambda text: None) if quiet else (lambda text: print(text, file=sys.stderr, flush=True))
+    say(f"convert: {len(samples)} images in {len(classes)} classes under {src_path} -> WebDataset shards of {shard_size}")
+    return convert_wds(samples, classes, src_path, out, shard_size, prefix, shuffle_seed, workers, force, say, empty, other)
+
+
 def main(argv=None) -> int:
     """The command (a user error: one line, exit 2). wcl_fast.cli, the commands' convention, is imported here
     only: the pipelines library itself imports nothing of wcl_fast but its config."""
@@ -314,7 +333,14 @@ def _main(argv=None) -> int:
 
     parser = ArgumentParser(prog="python -m pipelines.convert", description=__doc__.split("\n")[0])
     parser.add_argument("--src", required=True, help="ImageFolder: one sub-folder per class")
-    parser.add_argument("--out", required=True, help="the .beton file to write")
+    parser.add_argument("--out", required=True, help="the .beton file to write (--format wds: the folder of shards)")
+    parser.add_argument("--format", default="beton", choices=["beton", "wds"],
+                        help="beton: one FFCV file; wds: WebDataset tar shards + DALI .idx files + manifest.json")
+    parser.add_argument("--shard-size", type=at_least(1), default=1000, help="--format wds: samples per shard")
+    parser.add_argument("--prefix", default="shard", help="--format wds: shard names <prefix>-000000.tar, ...")
+    parser.add_argument("--shuffle-seed", type=int, default=0,
+                        help="--format wds: the seed of the written order (classes mixed across shards); -1 keeps the "
+                             "folder's order")
     parser.add_argument("--max-resolution", type=at_least(0), default=512, help="longest side cap (0 = keep)")
     parser.add_argument("--jpeg-quality", type=between(1, 100), default=90)
     parser.add_argument("--write-mode", default="jpg", choices=["jpg", "raw", "proportion"])
@@ -331,6 +357,11 @@ def _main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not 0 <= args.compress_probability <= 1:
         raise ConfigError(f"--compress-probability must be in [0, 1], got {args.compress_probability}")
+    if args.format == "wds":
+        convert_to_shards(args.src, args.out, args.shard_size, args.prefix, None if args.shuffle_seed < 0 else args.shuffle_seed,
+                          args.workers, args.force, val_labels=args.val_labels, val_synsets=args.val_synsets,
+                          train_dir=args.train_dir)
+        return 0
     convert(args.src, args.out, args.max_resolution or None, args.jpeg_quality, args.write_mode, args.workers, args.force,
             index_field=args.index_field, compress_probability=args.compress_probability,
             val_labels=args.val_labels, val_synsets=args.val_synsets, train_dir=args.train_dir)

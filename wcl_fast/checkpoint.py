@@ -489,13 +489,28 @@ def nonfinite_entries(tree, prefix: str = "") -> list[str]:
     return [name for name, ok in zip(names, finite) if not ok]
 
 
-def resume(path: Path, cfg, model, optimizer, scaler, steps_per_epoch: int) -> tuple[dict, int, int, int]:
+def check_same_data(state: dict, data_identity: dict | None, path: Path) -> None:
+    """One CheckpointError naming the difference when the checkpoint was written on other shards (data.shards:
+    the shard names and counts in order, recorded as `data_identity` with their hash)."""
+    there = state.get("data_identity")
+    if not there or not data_identity or there.get("hash") == data_identity.get("hash"):
+        return
+    from pipelines.shards import identity_difference
+
+    raise CheckpointError(f"train.resume: checkpoint '{path}' was written on other shards ({identity_difference(there, data_identity)}); "
+                          f"resume with the same data.shards (their order fixes the sample order) or use a new train.out_dir")
+
+
+def resume(path: Path, cfg, model, optimizer, scaler, steps_per_epoch: int,
+           data_identity: dict | None = None) -> tuple[dict, int, int, int]:
     """Load a training checkpoint into model, optimizer, scaler and the RNGs (checked first: the same
-    settings, the same steps per epoch); returns (state, epoch, step in epoch, global step)."""
+    settings, the same data (data.shards), the same steps per epoch); returns (state, epoch, step in epoch,
+    global step)."""
     from wcl_fast.config import to_dict
 
     state = load_checkpoint(path)
     check_resumable(state, cfg, path)
+    check_same_data(state, data_identity, path)
     load_weights(model, state["model"], path, describe_model(to_dict(cfg)["model"]),
                  describe_model(state["config"].get("model", {})))
     optimizer.load_state_dict(state["optimizer"])
@@ -522,10 +537,11 @@ class Checkpointer:
     remembers the last good one for the error messages. Every rank learns the outcome of a write."""
 
     def __init__(self, path: Path, cfg, ctx, steps_per_epoch: int, model, optimizer, scaler, objective,
-                 last_good: tuple | None = None, probe=None):
+                 last_good: tuple | None = None, probe=None, data_identity: dict | None = None):
         self.path, self.cfg, self.ctx, self.steps_per_epoch = path, cfg, ctx, steps_per_epoch
         self.model, self.optimizer, self.scaler, self.objective = model, optimizer, scaler, objective
         self.probe = probe  # wcl_fast.probe.OnlineProbe (train.online_probe) or None
+        self.data_identity = data_identity  # data.shards: the shard names, counts and their hash (check_same_data)
         self.last_good = last_good  # (path, epoch, step in epoch, global step) of the newest finite checkpoint
 
     def last_good_text(self) -> str:
@@ -549,6 +565,8 @@ class Checkpointer:
             state.update(epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step,
                          steps_per_epoch=self.steps_per_epoch, rng=rng_state(), config=to_dict(self.cfg),
                          world_size=self.ctx.world_size)
+            if self.data_identity is not None:
+                state["data_identity"] = self.data_identity
             try:
                 atomic_save(state, self.path)
             except CheckpointWriteError as exc:

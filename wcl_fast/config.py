@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import yaml
 
@@ -74,7 +74,7 @@ class DataConfig:
     # auto: ffcv when data.beton is set, else DALI (nvJPEG + GPU augmentations) when CUDA and DALI are
     # available, else reference with a warning (pipelines.choose_backend). dali / ffcv: pipelines/dali.py,
     # pipelines/ffcv.py; reference: the PIL worker loader; synthetic: decode-free crops for tests.
-    backend: Literal["auto", "reference", "synthetic", "dali", "ffcv"] = "auto"
+    backend: Literal["auto", "reference", "synthetic", "dali", "ffcv", "shards"] = "auto"
     # imagefolder: train_dir / val_dir hold one sub-folder per class. cifar10 / cifar100 / stl10: both name the
     # folder holding the extracted python / binary archive; tinyimagenet: tiny-imagenet-200/train and /val
     # (pipelines/datasets.py). The small datasets are read by the reference loader.
@@ -82,6 +82,19 @@ class DataConfig:
     stl10_unlabeled: bool = True  # dataset stl10: pre-train on train + the 100,000 unlabeled images
     train_dir: str = ""  # ImageFolder: one sub-folder per class
     beton: str = ""  # backend ffcv: the training .beton (python -m pipelines.convert)
+    # WebDataset tar shards (backend shards; auto picks it when this is set; docs/data.md): a brace pattern
+    # (/data/train-{000000..001281}.tar), a list of files / patterns, or a manifest .json (python -m pipelines.convert
+    # --format wds writes one); local paths or fsspec URLs (https://, s3://, gs://). val_shards: the evaluation split.
+    shards: Union[str, list[str]] = ""
+    val_shards: Union[str, list[str]] = ""
+    shard_label_key: str = "cls"  # the label member: cls (a decimal class id) or json:label (a field of a .json member)
+    # logical streams of the shard order: fixed for a run (it defines the order); world sizes must divide it and
+    # data.batch_size be a multiple of it. Each global batch takes batch_size / shard_streams samples from every stream
+    shard_streams: int = 64
+    shard_read_ahead: int = 2  # shards per process fetched ahead of those in use (memory: about this many shards more)
+    shard_read_threads: int = 4  # threads per process fetching shards
+    shard_retries: int = 3  # retries of a failed shard read (transient errors), waiting shard_backoff x 1, 2, 4, ... s
+    shard_backoff: float = 0.5
     val_beton: str = ""  # backend ffcv: the validation .beton for evaluation ("" = read data.val_dir)
     # backend ffcv: the names of the RGB image field and the integer label field in the .beton files (any
     # writer's; ffcv-imagenet's and pipelines.convert's are image / label); the sample id is the record position
@@ -547,6 +560,8 @@ def _parse_override(text: str) -> tuple[list[str], object]:
     tp = _field_type(keys)
     if tp is not None and _is_text(tp) and not (raw in ("null", "~") and type(None) in typing.get_args(tp)):
         return keys, raw  # literally: paths may hold ' #', ': ', spaces, quotes
+    if tp == Union[str, list[str]] and not raw.lstrip().startswith("["):
+        return keys, raw  # a path or brace pattern ('{a,b}' is not YAML's mapping); a YAML list when it starts with [
     try:
         value = parse_yaml(raw) if raw != "" else ""
     except yaml.YAMLError:
@@ -661,6 +676,19 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"data.dataset={cfg.data.dataset} is read from its own files by the reference loader; set "
                           f"data.backend=reference (or auto), or use it as an ImageFolder (data.dataset=imagefolder) "
                           f"for data.backend={cfg.data.backend}")
+    for key, value in {"data.shard_streams": cfg.data.shard_streams, "data.shard_read_threads": cfg.data.shard_read_threads}.items():
+        if value < 1:
+            raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+    for key, value in {"data.shard_read_ahead": cfg.data.shard_read_ahead, "data.shard_retries": cfg.data.shard_retries,
+                       "data.shard_backoff": cfg.data.shard_backoff}.items():
+        if not value >= 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
+    if not re.fullmatch(r"[A-Za-z0-9_]+(?::[A-Za-z0-9_.]+)?", cfg.data.shard_label_key):
+        raise ConfigError(f"config key 'data.shard_label_key': {cfg.data.shard_label_key!r} is not a member extension "
+                          f"(cls) or an extension and a JSON field (json:label)")
+    if cfg.data.backend == "shards" and not cfg.data.shards:
+        raise ConfigError("data.backend=shards needs data.shards: a brace pattern (train-{000000..000099}.tar), a list "
+                          "of shard files or a manifest .json (python -m pipelines.convert --format wds writes one)")
     if cfg.model.widths and (len(cfg.model.widths) != 4 or min(cfg.model.widths) <= 0):
         raise ConfigError(f"config key 'model.widths' must list 4 positive stage widths (or be []), got {cfg.model.widths}")
     if _WHITESPACE.sub("", cfg.model.activation_checkpointing) not in ("none", "auto"):
@@ -693,8 +721,16 @@ def check_paths(cfg: Config, need_val: bool | None = None) -> None:
     """Stop before any work if a dataset path the run needs is missing."""
     backend = cfg.data.backend
     if backend == "auto":  # the paths auto's choices need: ffcv with data.beton, dali / reference data.train_dir
-        backend = "ffcv" if cfg.data.beton else "reference"
+        backend = "ffcv" if cfg.data.beton else "shards" if cfg.data.shards else "reference"
     if backend == "synthetic":
+        return
+    if backend == "shards":  # the shard lists are read (counts, manifest) when the loader is built
+        need_val = (cfg.knn.at_end or cfg.knn.every_epochs > 0) if need_val is None else need_val
+        if need_val and not cfg.data.val_shards and not cfg.data.val_dir:
+            raise ConfigError("the kNN monitor needs an evaluation split: set data.val_shards (shards) or data.val_dir "
+                              "(an ImageFolder), or knn.at_end=false")
+        if need_val and cfg.data.val_dir and not cfg.data.val_shards and not Path(cfg.data.val_dir).is_dir():
+            raise ConfigError(f"data.val_dir: '{cfg.data.val_dir}' is not a directory; set data.val_dir= or data.val_shards=")
         return
     if backend == "ffcv" and not Path(cfg.data.beton).is_file():
         raise ConfigError(f"data.beton: '{cfg.data.beton}' is not a file; write one with python -m pipelines.convert "

@@ -214,7 +214,8 @@ def _train(cfg: Config, ctx: wdist.DistContext) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
     state, start_epoch, start_step, global_step = None, 0, 0, 0
     if resume_path is not None:
-        state, start_epoch, start_step, global_step = resume(resume_path, cfg, model, optimizer, scaler, steps_per_epoch)
+        state, start_epoch, start_step, global_step = resume(resume_path, cfg, model, optimizer, scaler, steps_per_epoch,
+                                                             getattr(loader, "identity", None))
         logger.info(f"resumed from {resume_path}: epoch {start_epoch}, step {start_step}, global step {global_step}")
     model, ddp = wdist.wrap_model(model, optimizer, cfg.model, ctx)
     objective = objectives.build_objective(cfg, model, ctx, training_set(cfg, ctx, loader.num_samples))
@@ -226,7 +227,7 @@ def _train(cfg: Config, ctx: wdist.DistContext) -> dict:
     autocast = objectives.autocast_factory(device, autocast_dtype(cfg.train.precision))
     checkpoints = Checkpointer(out_dir / CHECKPOINT_NAME, cfg, ctx, steps_per_epoch, model, optimizer, scaler, objective,
                                last_good=(resume_path, start_epoch, start_step, global_step) if state else None,
-                               probe=probe)
+                               probe=probe, data_identity=getattr(loader, "identity", None))
     meter = StepMeter(logger, objective.term_names, device, cfg.data.batch_size, cfg.train.epochs, steps_per_epoch,
                       global_step, sources=(objective.diagnostics, probe))
     from pipelines.images import reads_in_flight
