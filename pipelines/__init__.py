@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipelines.batch import MultiCropBatch, current_device
+from pipelines.batch import MultiCropBatch, current_device, current_device_id
 from wcl_fast.config import Config, ConfigError
 
 __all__ = ["LoaderChoice", "MultiCropBatch", "build_eval_loader", "build_loader", "build_train_eval_loader",
@@ -50,7 +50,9 @@ def choose_backend(data_cfg, cuda_available: bool | None = None, dali_available:
     if data_cfg.beton:
         return LoaderChoice("auto", "ffcv", f"auto: data.beton is set ({data_cfg.beton})")
     if data_cfg.shards:
-        return LoaderChoice("auto", "shards", "auto: data.shards is set (WebDataset shards, streamed; docs/data.md)")
+        decoder = shard_decoder(data_cfg, cuda_available, dali_available)
+        return LoaderChoice("auto", "shards", f"auto: data.shards is set (WebDataset shards, streamed, decoded by "
+                                              f"{'DALI' if decoder == 'dali' else 'PIL'}: data.shard_decoder; docs/data.md)")
     if data_cfg.dataset != "imagefolder":  # the small datasets' own layouts (pipelines/datasets.py)
         return LoaderChoice("auto", "reference", f"auto: data.dataset={data_cfg.dataset} is read from its own files")
     cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
@@ -70,6 +72,17 @@ def choose_backend(data_cfg, cuda_available: bool | None = None, dali_available:
     warning = (f"warning: data.backend=auto chose the reference PIL loader ({why}); it is several times slower than "
                f"DALI or FFCV and cannot feed a GPU at full speed. For a fast loader: {how}")
     return LoaderChoice("auto", "reference", reason, warning)
+
+
+def shard_decoder(data_cfg, cuda_available: bool | None = None, dali_available: bool | None = None) -> str:
+    """data.shard_decoder resolved: 'dali' or 'pil' (auto: DALI where CUDA and DALI are both available)."""
+    if data_cfg.shard_decoder != "auto":
+        if data_cfg.shard_decoder == "dali" and not _importable("nvidia.dali"):
+            raise ConfigError(f"data.shard_decoder=dali needs DALI: {DALI_INSTALL}; or data.shard_decoder=pil")
+        return data_cfg.shard_decoder
+    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    dali = _importable("nvidia.dali") if dali_available is None else dali_available
+    return "dali" if cuda and dali else "pil"
 
 
 def resolve_backend(cfg: Config, report: bool = False) -> LoaderChoice:
@@ -102,6 +115,10 @@ def build_loader(cfg: Config, split: str, rank: int, world: int):
 
         return build_train_loader(cfg.data, cfg.train.seed, rank, world, pin)
     if cfg.data.backend == "shards":
+        if shard_decoder(cfg.data) == "dali":
+            from pipelines.dali_shards import DaliShardLoader
+
+            return DaliShardLoader(cfg.data, cfg.train.seed, rank, world, current_device_id(), dtype=dtype)
         from pipelines.shards import build_shard_loader
 
         return build_shard_loader(cfg.data, cfg.train.seed, rank, world, pin)

@@ -1,7 +1,8 @@
 """Loader benchmark: samples/s and per-crop cost of each backend for one crop recipe, side by side.
 
-    python -m pipelines.bench [--backend reference,auto,dali] [--data DIR|photos] [--batch 64] [--batches 6]
-                              [--workers 2] [--global-size 224 --local-crops 6 --local-size 96] [--json out.json]
+    python -m pipelines.bench [--backend reference,auto,dali,shards,shards-http] [--data DIR|photos] [--batch 64]
+                              [--batches 6] [--workers 2] [--global-size 224 --local-crops 6 --local-size 96]
+                              [--http-latency-ms 30] [--json out.json]
 
 Without --data it writes 256 synthetic colour JPEGs of ImageNet's typical size (500 x 375) once to
 data/bench_jpeg; `--data photos` writes 256 JPEGs of the same size cut from real camera photographs
@@ -18,7 +19,12 @@ batched tensor ops after FFCV's; CPU: the fused kernel of pipelines/cpu_augment.
 data.dali_augment=host (the fused CPU kernel, also with a GPU), ffcv-torch the tensor ops on any device.
 The dali rows also give the operator count of the DALI graph (decode + one resize per crop slot, the
 same for any batch size). Every backend gets the same folder, batch, recipe and number of workers/threads;
-one warm-up batch is excluded. Prints a table and JSON.
+one warm-up batch is excluded. Prints a table and JSON. The shards rows read the same images as WebDataset
+shards (<data>.wds, written once by pipelines.convert --format wds, 32 images per shard, 8 streams; docs/data.md)
+through the shard loader (PIL decoding in the workers, as the reference row; shards-dali: DALI's graph, as the
+dali row); shards-http reads them from a local HTTP server on 127.0.0.1 that waits --http-latency-ms (30)
+before every answer; each reports how many shards each batch draws from and the share of same-shard pairs
+against a uniform shuffle, and its ratio to the folder row of the same decoder (reference, dali).
 """
 from __future__ import annotations
 
@@ -34,7 +40,11 @@ import torch
 
 from pipelines.batch import current_device, current_device_id
 
-BACKENDS = ("reference", "auto", "dali", "dali-host", "ffcv", "ffcv-torch", "ffcv8", "ffcv-crop", "ffcv8-crop")
+BACKENDS = ("reference", "auto", "dali", "dali-host", "ffcv", "ffcv-torch", "ffcv8", "ffcv-crop", "ffcv8-crop", "shards",
+            "shards-http", "shards-dali")
+SHARD_SIZE = 32  # images per shard of the bench's shards (<data>.wds): 8 shards of the 256 bench images
+SHARD_STREAMS = 8  # data.shard_streams of the shard rows (the batch must be a multiple)
+HTTP_LATENCY_S = 0.03  # --http-latency-ms: added to every request of the shards-http row
 
 
 def write_bench_images(root: Path, count: int = 256, size=(500, 375)) -> Path:
@@ -108,7 +118,7 @@ def write_photo_images(root: Path, count: int = 256, size=(500, 375)) -> Path:
     return root
 
 
-def build(backend: str, cfg):
+def build(backend: str, cfg, http_latency_s: float = HTTP_LATENCY_S):
     if backend == "reference":
         from pipelines.pil import build_train_loader
 
@@ -132,17 +142,57 @@ def build(backend: str, cfg):
         return FFCVMultiCropLoader(replace(cfg, backend="ffcv", beton=str(beton)), 0, 0, 1, device,
                                    decode_each_crop=backend.startswith("ffcv8"), augment=not backend.endswith("-crop"),
                                    augment_impl="torch" if backend == "ffcv-torch" else "auto")
+    if backend.startswith("shards"):  # the same images as WebDataset shards; -http: from a slow local server
+        from dataclasses import replace
+
+        from pipelines.shards import ShardLoader
+
+        folder = Path(cfg.train_dir).with_suffix(".wds")
+        if not (folder / "manifest.json").is_file():
+            from pipelines.convert import convert_to_shards
+
+            convert_to_shards(cfg.train_dir, str(folder), SHARD_SIZE, workers=max(1, cfg.workers), quiet=True)
+        manifest = str(folder / "manifest.json")
+        if backend == "shards-http":
+            manifest = f"{_serve(folder, http_latency_s)}/manifest.json"
+        shard_cfg = replace(cfg, backend="shards", shards=manifest, shard_streams=SHARD_STREAMS)
+        if backend == "shards-dali":  # decoded by DALI's graph (pipelines/dali_shards.py), as the dali row
+            from pipelines.dali_shards import DaliShardLoader
+
+            return DaliShardLoader(shard_cfg, 0, 0, 1, current_device_id())
+        return ShardLoader(shard_cfg, 0, 0, 1, pin_memory=torch.cuda.is_available())
     raise SystemExit(f"error: --backend: unknown {backend!r}; choose from {', '.join(BACKENDS)}")
 
 
-def measure(backend: str, cfg, batches: int) -> dict:
+def _serve(folder: Path, latency_s: float) -> str:
+    """A local HTTP server (127.0.0.1, a daemon thread, one thread per request) of `folder` that waits
+    latency_s before answering each request, as an object store's first byte does; returns its base URL."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Slow(SimpleHTTPRequestHandler):
+        def handle_one_request(self):
+            time.sleep(latency_s)
+            super().handle_one_request()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Slow, directory=str(folder)))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def measure(backend: str, cfg, batches: int, http_latency_s: float = HTTP_LATENCY_S) -> dict:
     chosen = None
     if backend == "auto":  # what data.backend=auto picks on this machine
         from pipelines import choose_backend
 
         chosen = choose_backend(cfg).backend
     start = time.perf_counter()
-    loader = build(chosen or backend, cfg)
+    loader = build(chosen or backend, cfg, http_latency_s)
     build_s = time.perf_counter() - start
     steps = len(loader)
     it, epoch, done = loader.epoch(0), 0, 0
@@ -162,6 +212,7 @@ def measure(backend: str, cfg, batches: int) -> dict:
     if hasattr(it, "close"):
         it.close()  # the loader's helper threads finish before the next backend is measured
     operators = getattr(loader, "operator_count", None)  # the DALI graph's
+    order = getattr(loader, "order", None)  # the shard rows: how well the batches mix shards
     if hasattr(loader, "close"):
         loader.close()
     del it, loader
@@ -179,6 +230,10 @@ def measure(backend: str, cfg, batches: int) -> dict:
         row["chosen"] = chosen
     if operators is not None:
         row["dali_operators"] = operators
+    if order is not None:
+        from pipelines.shards import mixing
+
+        row["mixing"] = mixing(order, 0, order.steps_per_epoch)
     return row
 
 
@@ -205,6 +260,8 @@ def _main(argv=None) -> int:
     parser.add_argument("--global-size", type=at_least(1), default=224)
     parser.add_argument("--local-crops", type=at_least(0), default=6)
     parser.add_argument("--local-size", type=at_least(1), default=96)
+    parser.add_argument("--http-latency-ms", type=at_least(0.0, float), default=1e3 * HTTP_LATENCY_S,
+                        help="added to every request of the shards-http row's local server")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     output_file("--json", args.json)
@@ -224,7 +281,7 @@ def _main(argv=None) -> int:
     rows = []
     for backend in backends:
         try:
-            rows.append(measure(backend, cfg, args.batches))
+            rows.append(measure(backend, cfg, args.batches, args.http_latency_ms / 1e3))
         except Exception as exc:  # e.g. DALI not installed: report and continue with the others
             print(f"{backend}: not measured ({type(exc).__name__}: {exc})", file=sys.stderr)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
@@ -244,6 +301,19 @@ def _main(argv=None) -> int:
             crops = 2 + args.local_crops
             print(f"{row['backend']}: DALI graph: {row['dali_operators']} operators (decoder + {crops} crop slots of "
                   f"ROI input and resize; the same for any batch size)")
+    for row in rows:
+        if "mixing" in row:
+            m = row["mixing"]
+            print(f"{row['backend']}: each batch draws from {m['distinct_shards_per_batch']:.1f} of {m['shards']} shards "
+                  f"({m['streams']} streams); same-shard pairs {100 * m['same_shard_pairs']:.2f}% "
+                  f"(uniform shuffle {100 * m['same_shard_pairs_uniform']:.2f}%)")
+    rates = {r["backend"]: r["samples_per_s"] for r in rows}
+    for row in rows:
+        folder_row = "dali" if row["backend"] == "shards-dali" else "reference"
+        if row["backend"].startswith("shards") and folder_row in rates:
+            row["vs_folder"] = row["samples_per_s"] / rates[folder_row]
+            latency = f", {args.http_latency_ms:g} ms per request" if row["backend"] == "shards-http" else ""
+            print(f"{row['backend']}: {row['vs_folder']:.2f}x the folder ({folder_row}) row{latency}")
     print(f"cores/GPU: CPU cores at this per-core rate to feed one GPU of an 8-GPU node at the compute-limited "
           f"ImageNet epoch ({per_gpu_target('H100'):.0f} samples/s per H100, {per_gpu_target('A100'):.0f} per A100); "
           f"on a GPU, DALI's mixed decoder (nvJPEG) and the fused augmentation kernel move most of that work onto the GPU")

@@ -85,6 +85,10 @@ class EncodedReader:
     def __call__(self, path: str) -> tuple[np.ndarray, int, int]:
         with open(path, "rb") as handle:
             data = handle.read()
+        return self.encoded(data, path)
+
+    def encoded(self, data: bytes, path: str) -> tuple[np.ndarray, int, int]:
+        """The same for bytes already read (a WebDataset shard's member); `path` names them in messages."""
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
             kind = img.format
@@ -579,12 +583,10 @@ class DaliMultiCropLoader:
         dtype: of the output crops (the model's input dtype)."""
         _import_dali()
         self.cfg, self.seed, self.linear = cfg, seed, linear
-        self.samples, _ = scan_image_folder(cfg.train_dir, "data.train_dir")
         self.reader = EncodedReader(cfg.max_decode_pixels)
-        self.source = ImageSource(self.samples, decode=self.reader)
         self.subset = subset
         batch_size = batch_size or cfg.batch_size
-        self.sampler = StepSampler(len(subset) if subset is not None else len(self.samples), batch_size, rank, world, seed)
+        self._open_source(batch_size, rank, world)
         self.local_batch = batch_size // world
         self.num_global = 1 if linear else 2
         self.num_crops = 1 if linear else 2 + cfg.local_crops
@@ -606,6 +608,13 @@ class DaliMultiCropLoader:
         self.pipe = None
         self._open_pipeline()
         self.operator_count = operator_count(self.pipe)
+
+    def _open_source(self, batch_size: int, rank: int, world: int) -> None:
+        """The samples and their order: an ImageFolder and StepSampler (pipelines/dali_shards.py: shards)."""
+        self.samples, _ = scan_image_folder(self.cfg.train_dir, "data.train_dir")
+        self.source = ImageSource(self.samples, decode=self.reader)
+        count = len(self.subset) if self.subset is not None else len(self.samples)
+        self.sampler = StepSampler(count, batch_size, rank, world, self.seed)
 
     def __len__(self) -> int:
         return self.sampler.steps_per_epoch
@@ -745,7 +754,7 @@ class DaliMultiCropLoader:
         ends an unfinished one (as closing it does)."""
         self.close_epoch()
         self.sampler.set_epoch(epoch, start_step)
-        batches = self._batches(list(iter(self.sampler)))
+        batches = self._batches(iter(self.sampler), len(self.sampler))
         self._active = weakref.ref(batches)
         return batches
 
@@ -764,15 +773,19 @@ class DaliMultiCropLoader:
         for pool in (self.prefetch, self.finisher, self.pool):
             pool.shutdown(wait=not self._stuck, cancel_futures=True)
 
-    def _batches(self, steps: list):
-        """DALI holds `depth` batches fed ahead: after taking the outputs of batch s, batch s + depth is fed (its
+    def _batches(self, steps, count: int):
+        """The `count` batches of the step keys `steps` (an iterator). DALI holds `depth` batches fed ahead: after taking the outputs of batch s, batch s + depth is fed (its
         files read and its draws made on the prefetch thread meanwhile). On the CPU the augmentation of batch s
         runs on the finisher thread while the trainer has batch s - 1; on a GPU it is queued on the stream."""
-        if not steps:
+        if not count:
             return
         if self._broken:
             self._open_pipeline()
-        preparing = deque(self.prefetch.submit(self._prepare, key) for key in steps[:self.depth + 1])
+
+        def prepare_next():  # on the prefetch thread, one at a time: the keys are taken in order there
+            return self._prepare(next(steps))
+
+        preparing = deque(self.prefetch.submit(prepare_next) for _ in range(min(count, self.depth + 1)))
         following = len(preparing)
         scheduled = deque()  # prepared batches in DALI, oldest first
         finishing = None
@@ -781,12 +794,12 @@ class DaliMultiCropLoader:
             while len(scheduled) < self.depth and preparing:
                 scheduled.append(preparing.popleft().result())
                 self._schedule(scheduled[-1])
-            for _ in range(len(steps)):
+            for _ in range(count):
                 outputs = self._outputs(scheduled[0])
                 prepared = scheduled.popleft()
                 if preparing:  # keep DALI `depth` batches ahead
-                    if following < len(steps):
-                        preparing.append(self.prefetch.submit(self._prepare, steps[following]))
+                    if following < count:
+                        preparing.append(self.prefetch.submit(prepare_next))
                         following += 1
                     scheduled.append(preparing.popleft().result())
                     self._schedule(scheduled[-1])
@@ -808,6 +821,8 @@ class DaliMultiCropLoader:
             # never returns (wcl_fast.signals: the watchdog names it after data.read_timeout; the exit does not wait)
             if wait(running, timeout=EXIT_WAIT_S).not_done:
                 self._stuck = True
+            elif hasattr(steps, "close"):  # a generator of keys (the shards' sampler) ends its reads ahead
+                steps.close()
             for _ in scheduled:
                 if not self._broken:
                     try:

@@ -35,7 +35,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipelines.batch import collate_multicrop
@@ -51,41 +50,11 @@ _ORDER_SALT = 0x5348  # "SH": keeps the shard order's random streams apart from 
 # ---------------------------------------------------------------------------------------------------- the list
 
 def expand_braces(pattern: str) -> list[str]:
-    """Bash-style brace expansion as WebDataset uses it: {000..012} (zero padding kept), {a,b,c}, nested."""
-    try:
-        from braceexpand import braceexpand
-    except ImportError:  # a tiny expander of our own: numeric ranges and alternatives, nested
-        return _expand(pattern)
+    """Bash-style brace expansion as WebDataset uses it: {000..012} (zero padding kept), {a,b,c}, nested
+    (the braceexpand package, a dependency of wcl-fast)."""
+    from braceexpand import braceexpand
+
     return list(braceexpand(pattern))
-
-
-def _expand(text: str) -> list[str]:
-    start = text.find("{")
-    if start < 0:
-        return [text]
-    depth = 0
-    for end in range(start, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[end], 0)
-        if depth == 0:
-            break
-    else:
-        return [text]
-    body, head, tail = text[start + 1:end], text[:start], text[end + 1:]
-    parts, depth, begin = [], 0, 0
-    for i, ch in enumerate(body):
-        depth += {"{": 1, "}": -1}.get(ch, 0)
-        if ch == "," and depth == 0:
-            parts.append(body[begin:i])
-            begin = i + 1
-    parts.append(body[begin:])
-    if len(parts) == 1 and ".." in body and all(p.isdigit() for p in body.split("..", 1)):
-        low, high = body.split("..", 1)
-        width = len(low) if low.startswith("0") else 0
-        step = 1 if int(high) >= int(low) else -1
-        parts = [str(v).zfill(width) for v in range(int(low), int(high) + step, step)]
-    elif len(parts) == 1:
-        return [head + "{" + x for x in _expand(body + "}" + tail)]
-    return [h + rest for part in parts for h in _expand(head + part) for rest in _expand(tail)]
 
 
 def _is_remote(url: str) -> bool:
@@ -575,7 +544,7 @@ class ShardMultiCropDataset(Dataset):
                   f"using the next readable sample of stream {share.stream}'s share instead", file=sys.stderr)
 
 
-def collate_shares(items) -> "MultiCropBatch":
+def collate_shares(items):  # -> pipelines.batch.MultiCropBatch
     return collate_multicrop([sample for share in items for sample in share])
 
 

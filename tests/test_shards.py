@@ -96,15 +96,6 @@ def _pattern(shard_dir):
 
 # ------------------------------------------------------------------------------------------------- the shard list
 
-@pytest.mark.parametrize("pattern", ["a-{000..011}.tar", "x{a,b{1..3}}y{0..2}", "plain.tar", "{9..11}-{c,d}", "{a}"])
-def test_our_brace_expander_equals_braceexpand(pattern):
-    from braceexpand import braceexpand
-
-    from pipelines.shards import _expand
-
-    assert _expand(pattern) == list(braceexpand(pattern))
-
-
 def test_shard_list_forms_and_errors(shard_dir, tmp_path):
     from pipelines.shards import resolve_shards
 
@@ -214,6 +205,7 @@ def _gloo_ids(rank, world, pattern, out):
         gathered = [torch.zeros(4, dtype=torch.int64) for _ in range(world)]
         dist.all_gather(gathered, batch.index)
         steps.append(torch.cat(gathered).tolist())
+    loader.close()  # its fetch threads end before the process group does
     if rank == 0:
         Path(out).write_text(json.dumps(steps))
 
@@ -405,3 +397,144 @@ def test_a_read_that_hangs_is_named_in_the_reads_in_flight(shard_dir, server):
     reader.join()
     httpd.shutdown()
     assert named == [f"'{url}' (shard, try 1 of 1)"] and done[0] == (shard_dir / "s-002.tar").read_bytes()
+
+
+def test_loader_bench_shard_rows_read_the_folders_images_and_report_mixing(folder, tmp_path, capsys):
+    """pipelines.bench's shards rows: the folder converted once to <folder>.wds, read locally and from a local
+    server that waits before every answer; the mixing figures against a count over the loader's own order."""
+    import time
+    import urllib.request
+
+    from pipelines.bench import _serve, main
+    from pipelines.shards import ShardOrder, resolve_shards
+
+    out = tmp_path / "bench.json"
+    assert main(["--data", str(folder), "--batch", "8", "--batches", "2", "--workers", "0", "--global-size", "32",
+                 "--local-crops", "0", "--http-latency-ms", "20", "--json", str(out),
+                 "--backend", "reference,shards,shards-http"]) == 0
+    rows = {r["backend"]: r for r in json.loads(out.read_text())["rows"]}
+    manifest = json.loads((folder.with_suffix(".wds") / "manifest.json").read_text())
+    assert sum(s["count"] for s in manifest["shards"]) == 48  # every image of the folder
+    shards = resolve_shards(str(folder.with_suffix(".wds") / "manifest.json"))
+    order = ShardOrder(shards, 8, 8, 1, 0)
+    distinct, same = [], []
+    for step in range(order.steps_per_epoch):  # an independent count over the same order
+        owners = [shards.locate(i)[0] for i in order.sample_ids(0, step)]
+        distinct.append(len(set(owners)))
+        same.append(sum(a == b for i, a in enumerate(owners) for j, b in enumerate(owners) if i != j) / (8 * 7))
+    counts = [s["count"] for s in manifest["shards"]]
+    for name in ("shards", "shards-http"):
+        row = rows[name]
+        assert row["samples_per_s"] > 0 and row["vs_folder"] == pytest.approx(row["samples_per_s"] / rows["reference"]["samples_per_s"])
+        assert row["mixing"]["distinct_shards_per_batch"] == pytest.approx(sum(distinct) / len(distinct))
+        assert row["mixing"]["same_shard_pairs"] == pytest.approx(sum(same) / len(same))
+        assert row["mixing"]["same_shard_pairs_uniform"] == pytest.approx(sum((c / 48) ** 2 for c in counts))
+    assert "shards-http: " in capsys.readouterr().out
+    base = _serve(folder.with_suffix(".wds"), 0.2)
+    start = time.perf_counter()
+    with urllib.request.urlopen(f"{base}/manifest.json") as answer:
+        assert json.loads(answer.read()) == manifest
+    assert time.perf_counter() - start >= 0.2  # the added latency
+
+
+# ------------------------------------------------------------------------------------------------- DALI
+
+def test_dali_decodes_shards_as_it_decodes_the_folder_and_replaces_like_the_shard_loader(folder, tmp_path):
+    """data.shard_decoder=dali: the shard loader's order and replacement rule feeding the DALI graph (CPU decoder
+    here). Its batches equal those of the folder's DALI loader asked for the same sample ids (the shards hold the
+    folder's files in its sample order), a late start equals the tail, and a damaged member is replaced exactly as
+    the PIL shard loader replaces it."""
+    pytest.importorskip("nvidia.dali")
+    from pipelines.dali import DaliMultiCropLoader
+    from pipelines.shards import ShardOrder, resolve_shards
+
+    pattern = _pattern_for(tmp_path / "plain", folder, {})
+    cfg = _cfg(pattern, "data.shard_decoder=dali", "data.workers=1")
+    loader = _loader(cfg)
+    assert type(loader).__name__ == "DaliShardLoader" and len(loader) == 6 and loader.num_samples == 48
+    batches = _collect(loader, 1)
+    assert [b.index.tolist() for b in batches] == [loader.order.sample_ids(1, s) for s in range(6)]
+
+    class Keys:  # the folder loader asked for the shard loader's ids, step by step
+        def set_epoch(self, epoch, start):
+            self.epoch, self.start = epoch, start
+
+        def __len__(self):
+            return 6 - self.start
+
+        def __iter__(self):
+            return iter([[(self.epoch, i) for i in b.index.tolist()] for b in batches[self.start:]])
+
+    folder_cfg = load_config(SMOKE, [f"data.train_dir={folder}", "data.batch_size=8", "data.workers=1"])
+    reference = DaliMultiCropLoader(folder_cfg.data, folder_cfg.train.seed, 0, 1, None)
+    reference.sampler = Keys()
+    for a, b in zip(batches, list(reference.epoch(1))):
+        assert torch.equal(a.globals, b.globals) and torch.equal(a.locals, b.locals) and torch.equal(a.label, b.label)
+    late = _collect(loader, 1, start=4)
+    for a, b in zip(batches[4:], late):
+        assert torch.equal(a.index, b.index) and torch.equal(a.globals, b.globals)
+    loader.close()
+    reference.close()
+
+    order = ShardOrder(resolve_shards(pattern), 8, 4, 1, cfg.train.seed)
+    bad = order.sample_ids(0, 2)[2]
+    damaged = _pattern_for(tmp_path / "damaged", folder, {bad: b"not an image" * 4})
+    dali = _collect(_loader(_cfg(damaged, "data.shard_decoder=dali", "data.workers=1")), 0)
+    pil = _collect(_loader(_cfg(damaged)), 0)
+    assert [b.failed for b in dali] == [b.failed for b in pil] == [0, 0, 1, 0, 0, 0]
+    assert [b.index.tolist() for b in dali] == [b.index.tolist() for b in pil]
+
+
+RECORD_IDS = """
+import json, os, sys
+import wcl_fast.train as train
+
+step = train.train_step
+
+
+def recording(objective, ddp, batch, global_step, *args, **kwargs):
+    with open(f"{os.environ['IDS_FILE']}.{os.environ.get('RANK', '0')}", "a") as out:
+        out.write(json.dumps([global_step, batch.index.tolist()]) + "\\n")
+    return step(objective, ddp, batch, global_step, *args, **kwargs)
+
+
+train.train_step = recording
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_resume_at_another_world_size_continues_the_same_batches(shard_dir, tmp_path):
+    """Stopped at step 3 by 2 torchrun processes and resumed by 1, and the reverse: every step of both runs trains
+    on the global batch the shard order gives one process (the sample ids each rank's train_step received,
+    concatenated in rank order), and the resumed run ends where the straight run does."""
+    import os
+    import subprocess
+    import sys
+
+    from pipelines.shards import ShardOrder, resolve_shards
+
+    pattern = _pattern(shard_dir)
+    script = tmp_path / "record.py"
+    script.write_text(RECORD_IDS)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    order = ShardOrder(resolve_shards(pattern), 8, 4, 1, load_config(SMOKE).train.seed)
+    expected = [order.sample_ids(epoch, s) for epoch in (0, 1) for s in range(6)]  # global steps 0-11
+    for first, then in ((2, 1), (1, 2)):
+        out = tmp_path / f"{first}to{then}"
+        ids = tmp_path / f"ids{first}{then}"
+        for processes, extra in ((first, "train.stop_at_step=3"), (then, "train.resume=auto")):
+            launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+                      if processes == 2 else [sys.executable])
+            proc = subprocess.run(launch + [str(script), *_train_args(pattern, out, extra)], cwd=ROOT,
+                                  env=dict(env, IDS_FILE=str(ids)), capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        seen = {}
+        for rank in (0, 1):
+            path = Path(f"{ids}.{rank}")
+            for step, rows in (json.loads(line) for line in path.read_text().splitlines()):
+                seen.setdefault(step, [None, None])[rank] = rows
+        got = [sum((part for part in seen[step] if part is not None), []) for step in sorted(seen)]
+        assert sorted(seen) == list(range(12)) and got == expected, (first, then)
+        assert all(None not in seen[step] for step in sorted(seen) if (step < 3) == (first == 2))  # 2 ranks there
+        state = torch.load(out / "checkpoint.pt", weights_only=True)
+        assert state["world_size"] == then and state["global_step"] == 12

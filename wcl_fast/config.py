@@ -95,6 +95,9 @@ class DataConfig:
     shard_read_threads: int = 4  # threads per process fetching shards
     shard_retries: int = 3  # retries of a failed shard read (transient errors), waiting shard_backoff x 1, 2, 4, ... s
     shard_backoff: float = 0.5
+    # who decodes the shards' images: dali (the DALI graph of backend dali: nvJPEG on a GPU, DALI's CPU decoder
+    # without one), pil (the reference loader's workers), auto (dali where CUDA and DALI are both available)
+    shard_decoder: Literal["auto", "pil", "dali"] = "auto"
     val_beton: str = ""  # backend ffcv: the validation .beton for evaluation ("" = read data.val_dir)
     # backend ffcv: the names of the RGB image field and the integer label field in the .beton files (any
     # writer's; ffcv-imagenet's and pipelines.convert's are image / label); the sample id is the record position
