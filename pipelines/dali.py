@@ -815,13 +815,14 @@ class DaliMultiCropLoader:
             if finishing is not None:
                 last, finishing = finishing, None
                 yield last.result()
+            next(steps, None)  # every key taken: a generator of keys runs to its end (the shards' read-ahead)
         finally:  # an abandoned epoch leaves no work on the helper threads and nothing in DALI
             running = [future for future in [*preparing, finishing] if future is not None and not future.cancel()]
             # bounded: on the way out of an exception or a second signal a helper may be blocked in a read that
             # never returns (wcl_fast.signals: the watchdog names it after data.read_timeout; the exit does not wait)
             if wait(running, timeout=EXIT_WAIT_S).not_done:
                 self._stuck = True
-            elif hasattr(steps, "close"):  # a generator of keys (the shards' sampler) ends its reads ahead
+            elif hasattr(steps, "close"):  # a generator of keys (the shards' sampler) abandoned: its reads end
                 steps.close()
             for _ in scheduled:
                 if not self._broken:

@@ -78,13 +78,14 @@ class DaliShardLoader(DaliMultiCropLoader):
         for the requested sample id."""
         epoch = shares[0].epoch
         requested, jpegs, widths, heights, index, label, failed = [], [], [], [], [], [], 0
+        flat = [sample for share in shares for sample in share.samples]
+        results = iter(list(self.pool.map(self._check, flat)))  # every member checked once, on the read threads
         for share in shares:
-            n, checked = len(share.samples), {}
+            n = len(share.samples)
+            checked = {j: next(results) for j in range(n)}
             for i, sample in enumerate(share.samples):
                 for attempt in range(n):
                     j = (i + attempt) % n
-                    if j not in checked:
-                        checked[j] = self._check(share.samples[j])
                     if checked[j] is not None:
                         break
                 else:

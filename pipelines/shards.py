@@ -406,6 +406,12 @@ class ShardCache:
         for shard in list(self.futures):
             self.drop(shard)
 
+    def keep(self, shards) -> None:
+        """Drops every shard but `shards` (those fetched ahead for the epoch that starts)."""
+        for shard in list(self.futures):
+            if shard not in shards:
+                self.drop(shard)
+
     def close(self) -> None:
         self.clear()
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -450,8 +456,10 @@ class ShardSampler(Sampler):
     def __iter__(self):
         epoch, start = self.epoch, self.start_step
         needed, first, last = self._plan(epoch, start)
-        self.cache.clear()
+        self.cache.keep(set(needed))  # what the previous epoch fetched ahead for this one stays
         queue = 0  # needed[queue:]: not yet asked for
+        following, next_queue = None, 0  # the next epoch's shards in order of first use, once this epoch's are asked for
+        finished = False
         try:
             for step in range(start, self.order.steps_per_epoch):
                 positions = {j: self.order.positions(epoch, step, j) for j in self.streams}
@@ -461,13 +469,22 @@ class ShardSampler(Sampler):
                     shard, queue = needed[queue], queue + 1
                     if last[shard] >= step:  # read ahead, in the order of first use
                         self.cache.want([shard])
+                if queue == len(needed) and following is None:  # read ahead across the epoch's end as well
+                    following = self._plan(epoch + 1, 0)[0]
+                while following and next_queue < len(following) and len(self.cache.futures) < len(now) + self.cache.ahead:
+                    self.cache.want([following[next_queue]])
+                    next_queue += 1
                 shares = [Share(epoch, step, j, [self._member(k, q) for k, q in positions[j]]) for j in self.streams]
                 for k in now:
-                    if last[k] <= step:
+                    if last[k] <= step and k not in (following or ())[:next_queue]:
                         self.cache.drop(k)
                 yield shares
+            finished = True
         finally:
-            self.cache.clear()
+            if not finished:  # abandoned: nothing stays in flight
+                self.cache.clear()
+            else:  # only the next epoch's first shards, fetched ahead
+                self.cache.keep(set((following or [])[:next_queue]))
 
     def _member(self, shard: int, position: int):
         samples, error = self.cache.get(shard)

@@ -538,3 +538,31 @@ def test_resume_at_another_world_size_continues_the_same_batches(shard_dir, tmp_
         assert all(None not in seen[step] for step in sorted(seen) if (step < 3) == (first == 2))  # 2 ranks there
         state = torch.load(out / "checkpoint.pt", weights_only=True)
         assert state["world_size"] == then and state["global_step"] == 12
+
+
+def test_reads_ahead_across_the_epochs_end(shard_dir):
+    """The last steps of an epoch fetch the next epoch's first shards, in order of use, so the next epoch's first
+    step waits for no fetch of its own: the shards it reads were all fetched ahead (a read-ahead of 6 shards
+    covers the 5 that step reads here)."""
+    loader = _loader(_cfg(_pattern(shard_dir), "data.shard_read_ahead=6"))
+    cache, requested = loader.cache, []
+    want = cache.want
+
+    def counting(shards):  # the fetches started, in order (want runs on the sampler's thread)
+        requested.extend(k for k in dict.fromkeys(shards) if k not in cache.futures)
+        want(shards)
+
+    cache.want = counting
+    order, plan = loader.order, loader.sampler._plan(1, 0)[0]
+    _collect(loader, 0)
+    ahead = list(cache.futures)
+    assert ahead and sorted(ahead) == sorted(plan[:len(ahead)])
+    first_step = {k for j in range(order.streams) for k, _ in order.positions(1, 0, j)}
+    assert first_step <= set(ahead)
+    before = len(requested)
+    batches = loader.epoch(1)
+    first = next(batches)
+    assert first.index.tolist() == order.sample_ids(1, 0)
+    assert not first_step & set(requested[before:])  # nothing the first step reads was fetched again
+    del batches
+    loader.close()
