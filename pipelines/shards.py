@@ -9,7 +9,7 @@ and a label member (data.shard_label_key: "cls", a decimal class id, or "json:la
 Sample ids are global and stable: shard k's sample at position p (its p-th key in the tar) has id
 starts[k] + p, starts being the cumulative sample counts of the shards in the order data.shards lists them.
 
-Order of epoch e (a pure function of seed, epoch and step; docs/data.md, "Order"):
+Order of epoch e (a pure function of seed, epoch and step; docs/data.md §2):
 1. the shards are permuted (seeded by seed, epoch); each shard's samples are permuted (seeded by seed, epoch,
    shard index); concatenated, this is the epoch's sequence of T samples;
 2. the sequence is cut into S = data.shard_streams logical streams of L = T // S consecutive samples each, so
