@@ -11,7 +11,7 @@ import numpy as np
 from pipelines.crop_params import P_ROI
 from pipelines.dali import DaliMultiCropLoader, _Prepared
 from pipelines.images import ReadsInFlight, UnreadableData
-from pipelines.shards import ShardCache, ShardOrder, ShardSampler, resolve_shards
+from pipelines.shards import ShardCache, ShardOrder, ShardSampler, ShardSteps, resolve_shards
 
 
 class _Where:
@@ -28,7 +28,7 @@ class _Where:
         return f"sample {position} of shard '{self.shards.urls[shard]}'", None
 
 
-class DaliShardLoader(DaliMultiCropLoader):
+class DaliShardLoader(ShardSteps, DaliMultiCropLoader):
     """DaliMultiCropLoader over WebDataset shards: len() steps per epoch, .epoch(e, start_step), .num_samples,
     .identity (what the checkpoint records), .order (ShardOrder), .operator_count, .close()."""
 
@@ -46,17 +46,6 @@ class DaliShardLoader(DaliMultiCropLoader):
         self.sampler = ShardSampler(self.order, rank, world, self.cache, cfg.shard_label_key)
         self.samples = _Where(self.shards)
         self._warned = 0
-
-    def __len__(self) -> int:
-        return self.order.steps_per_epoch
-
-    @property
-    def num_samples(self) -> int:
-        return self.shards.total
-
-    @property
-    def identity(self) -> dict:
-        return self.shards.identity()
 
     def _check(self, sample):
         """(encoded bytes as uint8, width, height) of one member, or None when it is unreadable (warned)."""

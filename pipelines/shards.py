@@ -233,6 +233,15 @@ def split_member(name: str) -> tuple[str, str] | None:
     return (f"{folder}/{stem}" if folder else stem), ext
 
 
+def sample_members(archive: tarfile.TarFile):
+    """(key, extension, member) of each regular member of an open tar that belongs to a sample, in tar order."""
+    for member in archive:
+        if member.isfile():
+            split = split_member(member.name)
+            if split is not None:
+                yield split[0], split[1], member
+
+
 def parse_tar(data: bytes) -> tuple[list[tuple[str, dict[str, bytes]]], str]:
     """([(key, {extension: bytes})] in tar order, "" or the error that ended the parse early): consecutive
     members with the same key form a sample. A damaged tar keeps the samples before the damage."""
@@ -240,13 +249,7 @@ def parse_tar(data: bytes) -> tuple[list[tuple[str, dict[str, bytes]]], str]:
     error = ""
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as archive:
-            for member in archive:
-                if not member.isfile():
-                    continue
-                split = split_member(member.name)
-                if split is None:
-                    continue
-                key, ext = split
+            for key, ext, member in sample_members(archive):
                 payload = archive.extractfile(member).read()
                 if len(payload) != member.size:
                     raise tarfile.ReadError(f"member '{member.name}' is truncated")
@@ -565,7 +568,23 @@ def collate_shares(items):  # -> pipelines.batch.MultiCropBatch
     return collate_multicrop([sample for share in items for sample in share])
 
 
-class ShardLoader:
+class ShardSteps:
+    """What every shard loader answers from its ShardOrder (`order`) and ShardList (`shards`): len() = steps per
+    epoch, num_samples, identity (what the checkpoint records)."""
+
+    def __len__(self) -> int:
+        return self.order.steps_per_epoch
+
+    @property
+    def num_samples(self) -> int:
+        return self.shards.total
+
+    @property
+    def identity(self) -> dict:
+        return self.shards.identity()
+
+
+class ShardLoader(ShardSteps):
     """The training loader of data.shards: `len()` steps per epoch, `.epoch(e, start_step)`, `.num_samples`,
     `.identity` (what the checkpoint records), `.order` (ShardOrder)."""
 
@@ -581,17 +600,6 @@ class ShardLoader:
         if cfg.workers > 0:
             kwargs.update(persistent_workers=True, prefetch_factor=2)
         self.loader = DataLoader(ShardMultiCropDataset(cfg, seed), **kwargs)
-
-    def __len__(self) -> int:
-        return self.order.steps_per_epoch
-
-    @property
-    def num_samples(self) -> int:
-        return self.shards.total
-
-    @property
-    def identity(self) -> dict:
-        return self.shards.identity()
 
     def epoch(self, epoch: int, start_step: int = 0):
         self.sampler.set_epoch(epoch, start_step)

@@ -66,18 +66,12 @@ def _check_and_read(item):
 def index_lines(tar_path: Path) -> list[str]:
     """DALI's wds2idx (v1.2) index of a tar file: the header line, then one line per sample (consecutive
     members with one key), each member as '<ext> <data offset> <size> <name>'."""
-    from pipelines.shards import split_member
+    from pipelines.shards import sample_members
 
     groups: list[list] = []
     last = None
     with tarfile.open(tar_path, mode="r:") as archive:
-        for member in archive:
-            if not member.isfile():
-                continue
-            split = split_member(member.name)
-            if split is None:
-                continue
-            key, ext = split
+        for key, ext, member in sample_members(archive):
             entry = f"{ext} {member.offset_data} {member.size} {member.name}"
             if key != last:
                 groups.append([])

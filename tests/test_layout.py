@@ -18,7 +18,7 @@ def test_pipelines_import_only_the_config_of_wcl_fast():
     loaded = _modules_after("import pipelines, pipelines.reference, pipelines.pil, pipelines.images, pipelines.sampling, pipelines.batch, "
                             "pipelines.datasets, pipelines.synthetic, pipelines.augment, pipelines.cpu_augment, "
                             "pipelines.crop_params, pipelines.keyed_random, pipelines.dali, pipelines.ffcv, "
-                            "pipelines.convert, pipelines.bench, pipelines.bench_convert, pipelines.augment_triton, pipelines.bench_augment, pipelines.shards, pipelines.wds_write")
+                            "pipelines.convert, pipelines.bench, pipelines.bench_convert, pipelines.augment_triton, pipelines.bench_augment, pipelines.shards, pipelines.wds_write, pipelines.dali_shards")
     assert {m for m in loaded if m.startswith("wcl_fast")} == {"wcl_fast", "wcl_fast.config"}
 
 

@@ -300,11 +300,39 @@ def test_converter_writes_shards_webdataset_reads_dali_indexes_and_the_loader_st
         image = g.get("jpg", g.get("png"))
         assert by_path[image] == int(g["cls"])  # the file's own bytes, its class id
     assert sum("png" in g for g in got) == 1
+    _dali_reads(out, manifest, by_path)
     loader = _loader(_cfg(str(out / "manifest.json"), "data.shard_streams=7", "data.batch_size=7"))
     ids = [i for b in loader.epoch(0) for i in b.index.tolist()]
     assert sorted(ids) == list(range(49))
     assert convert_main(["--format", "wds", "--src", str(src), "--out", str(out), "--shard-size", "7"]) == 2
     assert "already holds shards (manifest.json); pass --force" in capsys.readouterr().err
+
+
+def _dali_reads(out: Path, manifest: dict, by_path: dict) -> None:
+    """DALI's own fn.readers.webdataset opens the shards with their index files, unchanged (CPU): every sample once,
+    its image bytes and class as written."""
+    pytest.importorskip("nvidia.dali")
+    from nvidia.dali import fn, pipeline_def
+
+    paths = [str(out / e["name"]) for e in manifest["shards"]]
+    indexes = [str(out / e["index"]) for e in manifest["shards"]]
+
+    @pipeline_def(batch_size=7, num_threads=1, device_id=None)
+    def read():
+        image, label = fn.readers.webdataset(paths=paths, index_paths=indexes, ext=["jpg;png", "cls"],
+                                             missing_component_behavior="error")
+        return image, label
+
+    pipe = read()
+    pipe.build()
+    seen = []
+    for _ in range(7):
+        images, labels = pipe.run()
+        for i in range(len(images)):
+            image, label = bytes(np.asarray(images[i])), int(bytes(np.asarray(labels[i])).decode())
+            assert by_path[image] == label
+            seen.append(image)
+    assert len(set(seen)) == 49
 
 
 def _png_bytes():
@@ -566,3 +594,30 @@ def test_reads_ahead_across_the_epochs_end(shard_dir):
     assert not first_step & set(requested[before:])  # nothing the first step reads was fetched again
     del batches
     loader.close()
+
+
+def test_a_shard_gone_mid_run_stops_with_one_line_and_the_last_checkpoint_intact(folder, tmp_path, capsys):
+    """A shard that cannot be read (here deleted after step 3's checkpoint) ends the resumed run with exit code 6 and
+    one line naming it and the last good checkpoint, which still loads at the step the line names."""
+    from wcl_fast.train import main as train_main
+
+    shards = tmp_path / "shards"
+    _write_with_webdataset(folder, shards)
+    manifest = tmp_path / "manifest.json"  # counts from a manifest: start-up reads no shard
+    names = sorted(p.name for p in shards.glob("s-*.tar"))
+    manifest.write_text(json.dumps({"shards": [{"name": f"shards/{n}", "count": PER_SHARD if i < len(names) - 1 else
+                                                48 - PER_SHARD * (len(names) - 1)} for i, n in enumerate(names)]}))
+    out = tmp_path / "run"
+    assert train_main(_train_args(str(manifest), out, "train.stop_at_step=3", "data.shard_retries=1",
+                                  "data.shard_backoff=0.01")) == 0
+    (shards / names[4]).unlink()
+    capsys.readouterr()
+    code = train_main(_train_args(str(manifest), out, "train.resume=auto", "data.shard_retries=1", "data.shard_backoff=0.01"))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 6 and len(err) == 1, err
+    assert f"shard '{shards / names[4]}' could not be read" in err[0] and "last good checkpoint" in err[0], err[0]
+    import re
+
+    named = re.search(r"the last good checkpoint is '([^']+)' \(epoch \d+, step \d+, global step (\d+)\)", err[0])
+    assert named and named.group(1) == str(out / "checkpoint.pt"), err[0]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["global_step"] == int(named.group(2)) >= 3
