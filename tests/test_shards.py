@@ -621,3 +621,33 @@ def test_a_shard_gone_mid_run_stops_with_one_line_and_the_last_checkpoint_intact
     named = re.search(r"the last good checkpoint is '([^']+)' \(epoch \d+, step \d+, global step (\d+)\)", err[0])
     assert named and named.group(1) == str(out / "checkpoint.pt"), err[0]
     assert torch.load(out / "checkpoint.pt", weights_only=True)["global_step"] == int(named.group(2)) >= 3
+
+
+def test_s3_shards_from_a_mock_server_equal_local_ones(shard_dir, monkeypatch):
+    """s3:// through fsspec (s3fs) against moto's S3 server on 127.0.0.1, configured as a user's environment
+    configures it (AWS_ENDPOINT_URL and keys): the same batches as the local shards."""
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    import boto3
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        client = boto3.client("s3", endpoint_url=endpoint)
+        client.create_bucket(Bucket="shards")
+        for tar in sorted(shard_dir.glob("s-*.tar")):
+            client.upload_file(str(tar), "shards", f"train/{tar.name}")
+        count = len(list(shard_dir.glob("s-*.tar")))
+        remote = _collect(_loader(_cfg(f"s3://shards/train/s-{{000..{count - 1:03d}}}.tar")), 0)
+        local = _collect(_loader(_cfg(_pattern(shard_dir))), 0)
+        assert len(remote) == len(local) == 6
+        for a, b in zip(remote, local):
+            assert torch.equal(a.index, b.index) and torch.equal(a.globals, b.globals) and torch.equal(a.label, b.label)
+    finally:
+        server.stop()
