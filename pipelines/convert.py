@@ -246,12 +246,7 @@ def convert(src: str, out: str, max_resolution: int | None = 512, jpeg_quality: 
     if write_mode not in ("jpg", "raw", "proportion"):
         raise ConfigError(f"--write-mode: {write_mode!r} is not one of jpg, raw, proportion")
     start = time.perf_counter()
-    if val_labels:
-        samples, classes, empty, other = flat_source(src_path, val_labels, val_synsets, train_dir)
-    else:
-        samples, classes, empty, other = scan_source(src_path)
-    say = (lambda text: None) if quiet else (lambda text: print(text, file=sys.stderr, flush=True))
-    say(f"convert: {len(samples)} images in {len(classes)} classes under {src_path}")
+    samples, classes, empty, other, say = _source(src_path, val_labels, val_synsets, train_dir, quiet)
     if empty:
         say(f"warning: {len(empty)} empty class folders keep their class ids but have no records: {', '.join(empty[:10])}")
     if other:
@@ -303,6 +298,18 @@ def convert(src: str, out: str, max_resolution: int | None = 512, jpeg_quality: 
     return summary
 
 
+def _source(src_path: Path, val_labels: str, val_synsets: str, train_dir: str, quiet: bool, target: str = ""):
+    """Both converters' input, (samples, classes, empty class folders, ignored files, say): an ImageFolder, or a
+    flat validation folder with its labels; `say` prints progress on stderr unless quiet, starting with the count."""
+    if val_labels:
+        samples, classes, empty, other = flat_source(src_path, val_labels, val_synsets, train_dir)
+    else:
+        samples, classes, empty, other = scan_source(src_path)
+    say = (lambda text: None) if quiet else (lambda text: print(text, file=sys.stderr, flush=True))
+    say(f"convert: {len(samples)} images in {len(classes)} classes under {src_path}{target}")
+    return samples, classes, empty, other, say
+
+
 def convert_to_shards(src: str, out: str, shard_size: int, prefix: str = "shard", shuffle_seed: int | None = 0,
                       workers: int = 1, force: bool = False, quiet: bool = False, val_labels: str = "",
                       val_synsets: str = "", train_dir: str = "") -> dict:
@@ -311,12 +318,8 @@ def convert_to_shards(src: str, out: str, shard_size: int, prefix: str = "shard"
     from pipelines.wds_write import convert_wds
 
     src_path = Path(src)
-    if val_labels:
-        samples, classes, empty, other = flat_source(src_path, val_labels, val_synsets, train_dir)
-    else:
-        samples, classes, empty, other = scan_source(src_path)
-    say = (lambda text: None) if quiet else (lambda text: print(text, file=sys.stderr, flush=True))
-    say(f"convert: {len(samples)} images in {len(classes)} classes under {src_path} -> WebDataset shards of {shard_size}")
+    samples, classes, empty, other, say = _source(src_path, val_labels, val_synsets, train_dir, quiet,
+                                                  f" -> WebDataset shards of {shard_size}")
     return convert_wds(samples, classes, src_path, out, shard_size, prefix, shuffle_seed, workers, force, say, empty, other)
 
 
