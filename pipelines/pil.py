@@ -17,9 +17,6 @@ from pipelines.reference import apply_crop, augment, crop_recipes, probe_crop_pa
 from pipelines.sampling import MultiCropLoader, StepSampler, ignore_stop_signals, shard_range
 from wcl_fast.config import DataConfig
 
-worker_init = ignore_stop_signals  # the worker processes' start (pipelines/sampling.py)
-
-
 _WORKER_DIED = re.compile(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\) (?:is killed by signal: ([^.]+)|exited unexpectedly)")
 
 
@@ -49,11 +46,8 @@ def loader_failure(exc: BaseException, exit_codes: dict | None = None) -> str | 
 
 
 class ReferenceLoader(MultiCropLoader):
-    """MultiCropLoader whose worker processes start with `worker_init` and report their reads in flight
-    (the dataset's ImageSource holds a ReadsInFlight with one shared slot per worker)."""
-
-    def __init__(self, dataset: Dataset, sampler: StepSampler, workers: int, pin_memory: bool, **kwargs):
-        super().__init__(dataset, sampler, workers, pin_memory, **kwargs)
+    """MultiCropLoader whose worker processes report their reads in flight (the dataset's ImageSource holds a
+    ReadsInFlight with one shared slot per worker) and whose death is one DataStop line."""
 
     def epoch(self, epoch: int, start_step: int = 0):
         """The epoch's batches; a worker's death found while waiting for one (or, with persistent workers, for
@@ -156,5 +150,5 @@ def build_eval_loader(cfg: DataConfig, directory: str, key: str, batch_size: int
     dataset = EvalDataset(ImageSource(samples, decode, ReadsInFlight(cfg.workers)), cfg)
     shard = torch.utils.data.Subset(dataset, list(shard_range(len(dataset), rank, world)))
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=cfg.workers,
-                        pin_memory=pin_memory, collate_fn=collate_eval, worker_init_fn=worker_init)
+                        pin_memory=pin_memory, collate_fn=collate_eval, worker_init_fn=ignore_stop_signals)
     return loader, len(dataset), len(classes)
