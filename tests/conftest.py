@@ -111,10 +111,6 @@ def _distributed_entry(rank, fn, world, port, args):
     torch.set_num_threads(1)
     try:
         fn(rank, world, *args)
-        # every rank done with its last collective before any tears the group down: a rank that destroys it while
-        # its peer still finishes a transfer can abort that peer in gloo's teardown ("terminate called without an
-        # active exception", seen under load); a rank that raised skips this and its peer's barrier fails at once
-        dist.barrier()
     finally:
         dist.destroy_process_group()
 
